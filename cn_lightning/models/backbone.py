@@ -1,0 +1,125 @@
+"""Load the frozen Stable Diffusion backbone (UNet, VAE, text encoder, tokenizer, scheduler).
+
+Two sources are accepted, both fully offline:
+
+* a diffusers pipeline directory, the layout ``StableDiffusionPipeline.save_pretrained`` writes
+  (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``);
+* a single original-format checkpoint file (``.safetensors`` / ``.ckpt``, SD1.x or SD2.x), read
+  with configs shipped inside this package (see ``cn_lightning.models.single_file``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from cn_lightning.errors import BackboneLoadError
+
+DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Backbone:
+    """The frozen parts of a Stable Diffusion model."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD, 2 for the tiny test model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """``"fp32"|"fp16"|"bf16"`` (or a torch dtype) to a torch dtype; ``None`` means fp32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise BackboneLoadError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    frozen_dtype: str | torch.dtype | None = "fp32",
+    variant: str | None = None,
+) -> Backbone:
+    """Load and freeze a Stable Diffusion backbone from a local directory or checkpoint file.
+
+    Args:
+        path: a diffusers pipeline directory or an original-format ``.safetensors``/``.ckpt``.
+        frozen_dtype: dtype of the frozen weights (``fp32``, ``bf16`` or ``fp16``).
+        variant: for single files, forces the architecture (``sd15``, ``sd21``, ``sd21-base``).
+
+    Raises:
+        BackboneLoadError: the path is missing or is not a Stable Diffusion model.
+    """
+    dtype = parse_dtype(frozen_dtype)
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise BackboneLoadError(
+            f"model path {str(path)!r} does not exist: expected a diffusers Stable Diffusion "
+            "directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a .safetensors/.ckpt file"
+        )
+    if path.is_dir():
+        parts = _load_diffusers_dir(path)
+    elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from cn_lightning.models.single_file import load_single_file_components
+
+        parts = load_single_file_components(path, variant=variant)
+    else:
+        raise BackboneLoadError(
+            f"model path {str(path)!r} is neither a directory nor a checkpoint file "
+            f"({', '.join(SINGLE_FILE_SUFFIXES)})"
+        )
+    backbone = Backbone(**parts)
+    freeze_backbone(backbone, dtype)
+    return backbone
+
+
+def _load_diffusers_dir(path: Path) -> dict:
+    missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise BackboneLoadError(
+            f"{str(path)!r} is not a diffusers Stable Diffusion directory: missing "
+            f"{', '.join(m + '/' for m in missing)} (expected unet/ vae/ text_encoder/ tokenizer/ "
+            "scheduler/ as written by StableDiffusionPipeline.save_pretrained)"
+        )
+    try:
+        return {
+            "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
+            "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
+            "text_encoder": CLIPTextModel.from_pretrained(
+                path / "text_encoder", local_files_only=True
+            ),
+            "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+            "noise_scheduler": DDPMScheduler.from_pretrained(
+                path / "scheduler", local_files_only=True
+            ),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneLoadError(
+            f"could not load the Stable Diffusion model in {str(path)!r}: {first_line}"
+        ) from err
+
+
+def freeze_backbone(backbone: Backbone, dtype: torch.dtype) -> None:
+    """Freeze every backbone module: no gradients, eval mode, weights cast to ``dtype``."""
+    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(dtype=dtype)
