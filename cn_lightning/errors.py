@@ -1,12 +1,26 @@
-"""User-facing errors: raised for bad input, printed as one line by the command-line tools."""
+"""User-facing error types.
+
+Every error a user can fix (a wrong path, a file of the wrong kind, a bad config value) is raised as
+a subclass of :class:`CnLightningError` with a one-line message that names the offending input and
+what was expected, so the command line can print it without a traceback.
+"""
+
+from __future__ import annotations
 
 
 class CnLightningError(Exception):
-    """Base class of errors that mean "the input is wrong", not "the code is broken"."""
+    """Base class for errors caused by user input rather than by a bug."""
 
 
 class BackboneLoadError(CnLightningError, ValueError):
-    """A model path is missing or does not hold what was expected."""
+    """A Stable Diffusion backbone (folder or single file) could not be loaded.
+
+    Also a :class:`ValueError`, so callers that catch ``ValueError`` keep working.
+    """
+
+
+class CheckpointFormatError(CnLightningError, ValueError):
+    """A ControlNet state dict is not in the layout a converter expects."""
 
 
 class ConfigError(CnLightningError, ValueError):

@@ -75,7 +75,7 @@ def load_backbone(
             "directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a .safetensors/.ckpt file"
         )
     if path.is_dir():
-        parts = _load_diffusers_dir(path)
+        parts = _load_diffusers_dir(path, dtype)
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         from cn_lightning.models.single_file import load_single_file_components
 
@@ -90,7 +90,7 @@ def load_backbone(
     return backbone
 
 
-def _load_diffusers_dir(path: Path) -> dict:
+def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> dict:
     missing = [c for c in DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise BackboneLoadError(
@@ -100,10 +100,14 @@ def _load_diffusers_dir(path: Path) -> dict:
         )
     try:
         return {
-            "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
-            "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
+            "unet": UNet2DConditionModel.from_pretrained(
+                path / "unet", local_files_only=True, torch_dtype=dtype
+            ),
+            "vae": AutoencoderKL.from_pretrained(
+                path / "vae", local_files_only=True, torch_dtype=dtype
+            ),
             "text_encoder": CLIPTextModel.from_pretrained(
-                path / "text_encoder", local_files_only=True
+                path / "text_encoder", local_files_only=True, dtype=dtype
             ),
             "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             "noise_scheduler": DDPMScheduler.from_pretrained(
@@ -122,4 +126,5 @@ def freeze_backbone(backbone: Backbone, dtype: torch.dtype) -> None:
     for module in (backbone.unet, backbone.vae, backbone.text_encoder):
         module.requires_grad_(False)
         module.eval()
-        module.to(dtype=dtype)
+        if any(p.dtype != dtype for p in module.parameters()):
+            module.to(dtype=dtype)

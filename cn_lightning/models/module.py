@@ -1,0 +1,431 @@
+"""``ControlNetModule``: the locked Stable Diffusion backbone plus a trainable control branch.
+
+Training step (the paper's recipe): encode the target image with the frozen VAE, encode the
+prompt with the frozen text encoder (replaced by "" with probability ``ucg_rate``), add noise at a
+random timestep, predict the scheduler's target (epsilon or v) with UNet + ControlNet residuals,
+MSE loss. Only the control branch (and, with ``sd_locked=False``, the UNet decoder) trains.
+
+Checkpoints hold only the trainable weights (see :meth:`ControlNetModule.state_dict`): the frozen
+backbone is reloaded from ``pretrained_model_path`` and never copied into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+from cn_lightning.errors import ConfigError
+from cn_lightning.models.backbone import load_backbone
+from cn_lightning.models.controlnet import build_controlnet, expand_control_scales, scale_residuals
+
+SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+# With sd_locked=False the original also trains the decoder ("output_blocks") and the output
+# head ("out" = norm + conv); these are diffusers' names for them.
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def default_optimizer(params: Iterable, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+
+
+class ControlNetModule(L.LightningModule):
+    """Train a ControlNet on a frozen Stable Diffusion backbone.
+
+    Args:
+        pretrained_model_path: diffusers SD directory or single ``.safetensors``/``.ckpt`` file.
+        controlnet_path: optional existing ControlNet (diffusers folder or original-format file)
+            to start from instead of copying the UNet encoder.
+        variant: forces the architecture of a single-file checkpoint (``sd15``, ``sd21``, ...).
+        frozen_dtype: dtype of the frozen weights (``fp32``, ``bf16``, ``fp16``); the trainable
+            weights always stay fp32 (master weights).
+        sd_locked: ``False`` also trains the UNet decoder and output head at
+            ``decoder_learning_rate``.
+        only_mid_control: add the control only to the middle block.
+        control_scales: one float or one per ControlNet output (13 for SD).
+        gradient_checkpointing: recompute activations of ControlNet and UNet in backward.
+        ucg_rate: probability of replacing a prompt by "" (the paper uses 0.5).
+        learning_rate: learning rate of the control branch (paper: 1e-5).
+        decoder_learning_rate: learning rate of the decoder when ``sd_locked=False``.
+        optimizer: a callable ``(param_groups, lr=...) -> Optimizer`` (Hydra ``_partial_``).
+        lr_warmup_steps: linear warmup of every group's learning rate over these steps.
+        latent_sampling: ``sample`` draws from the VAE posterior, ``mode`` takes its mean.
+        noise_offset: optional offset noise (0 disables it).
+        sampler / sample_steps / guidance_scale / eta: defaults of :meth:`sample`.
+        conditioning_channels: channels of the condition image.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_path: str,
+        controlnet_path: str | None = None,
+        variant: str | None = None,
+        frozen_dtype: str = "fp32",
+        sd_locked: bool = True,
+        only_mid_control: bool = False,
+        control_scales: float | Sequence[float] | None = None,
+        gradient_checkpointing: bool = False,
+        ucg_rate: float = 0.5,
+        learning_rate: float = 1e-5,
+        decoder_learning_rate: float = 2e-6,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_warmup_steps: int = 0,
+        latent_sampling: str = "sample",
+        noise_offset: float = 0.0,
+        sampler: str = "ddim",
+        sample_steps: int = 20,
+        guidance_scale: float = 9.0,
+        eta: float = 0.0,
+        conditioning_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if pretrained_model_path in (None, "", "???"):
+            raise ConfigError(
+                "model.pretrained_model_path is not set: point it at a Stable Diffusion "
+                "diffusers directory or a .safetensors/.ckpt file"
+            )
+        _check_choice("latent_sampling", latent_sampling, ("sample", "mode"))
+        _check_choice("sampler", sampler, tuple(SAMPLERS))
+        if not 0.0 <= ucg_rate <= 1.0:
+            raise ConfigError(f"ucg_rate must be in [0, 1], got {ucg_rate}")
+        self.save_hyperparameters(ignore=["optimizer"])
+
+        backbone = load_backbone(pretrained_model_path, frozen_dtype, variant=variant)
+        self.vae_scale_factor = backbone.vae_scale_factor
+        self.tokenizer = backbone.tokenizer
+        self.noise_scheduler = backbone.noise_scheduler
+        # The VAE and text encoder run before the differentiable graph. Keeping them out of the
+        # registered modules means no strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or
+        # checkpoints them; _apply moves them with the module (device only).
+        self._frozen = {"vae": backbone.vae, "text_encoder": backbone.text_encoder}
+        self.unet = backbone.unet
+        self.controlnet = build_controlnet(
+            backbone.unet,
+            vae_scale_factor=self.vae_scale_factor,
+            pretrained_path=controlnet_path,
+            conditioning_channels=conditioning_channels,
+        )
+        if not sd_locked:
+            self._unlock_decoder()
+        if gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing()
+        num_outputs = len(self.controlnet.controlnet_down_blocks) + 1
+        self.control_scales = expand_control_scales(control_scales, num_outputs)
+        self.optimizer_factory = optimizer or default_optimizer
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self._frozen["vae"]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self._frozen["text_encoder"]
+
+    def _unlock_decoder(self) -> None:
+        for name, param in self.unet.named_parameters():
+            if name.startswith(DECODER_PREFIXES):
+                param.data = param.data.float()
+                param.requires_grad_(True)
+        self.unet.up_blocks.train()
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names (as in ``named_parameters``) of every parameter the optimizer updates."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _apply(self, fn, *args, **kwargs):
+        # Follow device moves (``.to(device)``, ``.cuda()``) with the unregistered frozen
+        # modules, but never their dtype: their precision is set by ``frozen_dtype``.
+        super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.empty(0))
+        for module in self._frozen.values():
+            module.to(device=probe.device)
+        return self
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only trainable tensors: the ControlNet (and the decoder when unlocked).
+
+        Lightning and DeepSpeed both take checkpoints through this method, so no checkpoint
+        ever holds a second copy of the frozen backbone.
+        """
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + n for n in self._checkpointed_names()}
+        out = destination if destination is not None else type(full)()
+        for key, value in full.items():
+            if key in keep:
+                out[key] = value
+        return out
+
+    def _checkpointed_names(self) -> list[str]:
+        names = [f"controlnet.{n}" for n in self.controlnet.state_dict()]
+        if not self.hparams.sd_locked:
+            names += [f"unet.{n}" for n in self.unet.state_dict() if n.startswith(DECODER_PREFIXES)]
+        return names
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a trainable-only state dict; the frozen backbone is already in place."""
+        expected = set(self._checkpointed_names())
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected - set(super().state_dict()))
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                "checkpoint does not match this ControlNetModule: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ------------------------------------------------------------------------------ encoders
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts to text-encoder hidden states, (B, tokens, hidden)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/f, W/f), fp32."""
+        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample() if self.hparams.latent_sampling == "sample" else posterior.mode()
+        return latents.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) to images (B, 3, h*f, w*f) in [0, 1]."""
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+    def drop_prompts(self, prompts: Sequence[str], generator: torch.Generator | None = None):
+        """Replace each prompt by "" with probability ``ucg_rate`` (the paper's trick)."""
+        keep = torch.rand(len(prompts), generator=generator) >= self.hparams.ucg_rate
+        return [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        condition: torch.Tensor,
+    ) -> torch.Tensor:
+        """UNet prediction with control.
+
+        Args:
+            noisy_latents: (B, C, h, w) latents at ``timesteps``.
+            timesteps: (B,) integer timesteps.
+            text_embeddings: (B, tokens, hidden) from :meth:`encode_prompt`.
+            condition: (B, 3, h*f, w*f) condition image in [0, 1].
+
+        Returns:
+            (B, C, h, w) prediction (epsilon or v, as the scheduler says), fp32.
+        """
+        down, mid = self.controlnet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=text_embeddings,
+            controlnet_cond=condition,
+            return_dict=False,
+        )
+        down, mid = scale_residuals(down, mid, self.control_scales, self.hparams.only_mid_control)
+        dtype = self.unet.dtype
+        pred = self.unet(
+            noisy_latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=text_embeddings.to(dtype),
+            down_block_additional_residuals=None if down is None else [r.to(dtype) for r in down],
+            mid_block_additional_residual=mid.to(dtype),
+            return_dict=False,
+        )[0]
+        return pred.float()
+
+    def diffusion_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet must predict, per the scheduler's ``prediction_type``."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ConfigError(f"unsupported scheduler prediction_type {kind!r}")
+
+    def compute_loss(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The diffusion MSE loss of one batch (see the module docstring)."""
+        if "latent" in batch:
+            latents = batch["latent"].float() * self.vae.config.scaling_factor
+        else:
+            latents = self.encode_image(batch["image"])
+        prompts = self.drop_prompts(batch["prompt"], generator=generator)
+        text_embeddings = self.encode_prompt(prompts)
+        device = latents.device
+        noise = _randn(latents.shape, generator, device)
+        if self.hparams.noise_offset:
+            offset = _randn(latents.shape[:2] + (1, 1), generator, device)
+            noise = noise + self.hparams.noise_offset * offset
+        num_steps = self.noise_scheduler.config.num_train_timesteps
+        if generator is None:
+            timesteps = torch.randint(0, num_steps, (latents.shape[0],), device=device)
+        else:
+            timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator)
+            timesteps = timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = self(noisy, timesteps, text_embeddings, batch["condition"].float())
+        target = self.diffusion_target(latents, noise, timesteps)
+        return F.mse_loss(pred, target.float(), reduction="mean")
+
+    # ----------------------------------------------------------------------------- Lightning
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        batch_size = len(batch["prompt"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if "n_skipped" in batch:
+            skipped = torch.as_tensor(batch["n_skipped"]).sum().float()
+            self.log("data/skipped_samples", skipped, reduce_fx="sum", batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # A fixed generator per batch so the validation loss is comparable across steps.
+        generator = torch.Generator().manual_seed(batch_idx)
+        loss = self.compute_loss(batch, generator=generator)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
+        if not self.hparams.sd_locked:
+            decoder = [p for p in self.unet.parameters() if p.requires_grad]
+            groups.append({"params": decoder, "lr": self.hparams.decoder_learning_rate})
+        optimizer = self.optimizer_factory(groups, lr=self.hparams.learning_rate)
+        warmup = self.hparams.lr_warmup_steps
+        if warmup <= 0:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(_linear_warmup, warmup_steps=warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: torch.Tensor,
+        prompts: Sequence[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | Sequence[int] = 0,
+        sampler: str | None = None,
+        negative_prompt: str = "",
+        eta: float | None = None,
+    ) -> torch.Tensor:
+        """Generate images for conditions and prompts with classifier-free guidance.
+
+        The unconditional branch uses ``negative_prompt`` (default "") and the same condition,
+        as the original does.
+
+        Args:
+            condition: (B, 3, H, W) in [0, 1]; H and W divisible by the VAE factor.
+            prompts: B prompts.
+            seed: one seed for the whole batch, or one per sample.
+
+        Returns:
+            (B, 3, H, W) images in [0, 1], fp32, on the module's device.
+        """
+        steps = num_inference_steps or self.hparams.sample_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self.make_sampler(sampler)
+        scheduler.set_timesteps(steps, device=self.device)
+        condition = condition.to(self.device, torch.float32)
+        latents = self._initial_latents(condition, seed) * scheduler.init_noise_sigma
+        cond_emb = self.encode_prompt(prompts)
+        use_cfg = scale != 1.0
+        if use_cfg:
+            uncond_emb = self.encode_prompt([negative_prompt] * len(prompts))
+            text = torch.cat([uncond_emb, cond_emb])
+            control = torch.cat([condition, condition])
+        else:
+            text, control = cond_emb, condition
+        extra = {"eta": self.hparams.eta if eta is None else eta} if sampler_is_ddim(scheduler) else {}
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            timesteps = t.expand(model_in.shape[0]).to(self.device)
+            pred = self(model_in, timesteps, text, control)
+            if use_cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + scale * (cond - uncond)
+            latents = scheduler.step(pred, t, latents, **extra).prev_sample
+        return self.decode_latents(latents)
+
+    def make_sampler(self, name: str | None = None):
+        """A fresh inference scheduler (DDIM or UniPC) sharing the training noise schedule."""
+        name = name or self.hparams.sampler
+        _check_choice("sampler", name, tuple(SAMPLERS))
+        return SAMPLERS[name].from_config(self.noise_scheduler.config)
+
+    def _initial_latents(self, condition: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
+        b, _, h, w = condition.shape
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ConfigError(f"condition size {h}x{w} is not divisible by the VAE factor {f}")
+        shape = (self.unet.config.in_channels, h // f, w // f)
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], n: int = 4, seed: int = 0, **kwargs) -> dict:
+        """Condition, samples with and without the prompt, and target for the first ``n``.
+
+        Returns a dict of (n, 3, H, W) tensors in [0, 1] and the prompts.
+        """
+        condition = batch["condition"][:n]
+        prompts = list(batch["prompt"][:n])
+        out = {
+            "condition": condition.float().cpu(),
+            "samples": self.sample(condition, prompts, seed=seed, **kwargs).cpu(),
+            "samples_no_prompt": self.sample(condition, [""] * len(prompts), seed=seed, **kwargs).cpu(),
+            "prompts": prompts,
+        }
+        if "image" in batch:
+            out["target"] = ((batch["image"][:n].float().cpu() + 1) / 2).clamp(0, 1)
+        return out
+
+
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    # Without a generator draw on the device itself (no host-to-device copy in the hot path);
+    # with one, draw on the CPU so a seeded generator gives the same numbers on any device.
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def sampler_is_ddim(scheduler) -> bool:
+    return isinstance(scheduler, DDIMScheduler)
+
+
+def _linear_warmup(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+__all__ = ["ControlNetModule"]

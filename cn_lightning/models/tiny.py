@@ -1,0 +1,209 @@
+"""Write a complete tiny Stable Diffusion model in diffusers format, with no download.
+
+Tests and the quickstart load it through the same path as a real SD1.5 directory
+(``cn_lightning.models.backbone.load_backbone``).
+
+    python -m cn_lightning.models.tiny --out DIR [--preset test|small] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Sizes per preset. "test" mirrors diffusers' own unit-test models; "small" is still tiny
+# (about 2 M parameters) but wide enough for the quickstart to learn something.
+PRESETS: dict[str, dict] = {
+    "test": {
+        "unet_channels": (4, 8),
+        "unet_groups": 1,
+        "vae_channels": (4, 8),
+        "vae_groups": 2,
+        "text_hidden": 32,
+        "text_layers": 5,
+        "text_heads": 4,
+        "attention_head_dim": (2, 4),
+    },
+    "small": {
+        "unet_channels": (32, 64),
+        "unet_groups": 8,
+        "vae_channels": (32, 64),
+        "vae_groups": 8,
+        "text_hidden": 32,
+        "text_layers": 2,
+        "text_heads": 4,
+        "attention_head_dim": 8,
+    },
+}
+MAX_TOKENS = 16
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A byte-level CLIP BPE vocabulary covering every single character plus a few merges.
+
+    Every printable ASCII letter with and without the end-of-word marker is a token, so any
+    English prompt tokenises without unknown tokens.
+    """
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = ["#version: 0.2"]
+    # A handful of merges so the tokenizer exercises real BPE, not just characters.
+    for word in ("circle", "background", "red", "blue", "green", "the", "with"):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            merges.append(f"{a} {b}")
+            merged = a + b
+            if merged not in tokens:
+                tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tokenizer(out: Path) -> CLIPTokenizer:
+    """Write ``vocab.json`` + ``merges.txt`` and load them as a ``CLIPTokenizer``."""
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in merges[1:]],
+        model_max_length=MAX_TOKENS,
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.save_pretrained(out)
+    # Load back from disk so callers get exactly what load_backbone will see.
+    return CLIPTokenizer.from_pretrained(out, local_files_only=True)
+
+
+def build_tiny_components(preset: str = "test", seed: int = 0, vocab_size: int | None = None):
+    """Build (unet, vae, text_encoder, scheduler) with random weights for ``preset``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}: expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=p["unet_channels"],
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=p["text_hidden"],
+        attention_head_dim=p["attention_head_dim"],
+        norm_num_groups=p["unet_groups"],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=list(p["vae_channels"]),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(p["vae_channels"]),
+        up_block_types=["UpDecoderBlock2D"] * len(p["vae_channels"]),
+        latent_channels=4,
+        norm_num_groups=p["vae_groups"],
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=p["text_hidden"],
+            intermediate_size=p["text_hidden"] * 2,
+            num_attention_heads=p["text_heads"],
+            num_hidden_layers=p["text_layers"],
+            layer_norm_eps=1e-5,
+            vocab_size=vocab_size or 1000,
+            max_position_embeddings=MAX_TOKENS,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    return unet, vae, text_encoder, scheduler
+
+
+def write_tiny_backbone(out: str | os.PathLike, preset: str = "test", seed: int = 0) -> Path:
+    """Write a tiny SD model in diffusers layout to ``out`` and return the path.
+
+    The directory is assembled in a temporary sibling and moved into place, so an interrupted
+    run never leaves a half-written model that later runs would try to load.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = write_tokenizer(tmp / "tokenizer")
+        unet, vae, text_encoder, scheduler = build_tiny_components(
+            preset, seed, vocab_size=len(tokenizer)
+        )
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_tiny_backbone(out: str | os.PathLike, preset: str = "small", seed: int = 0) -> str:
+    """Write the tiny model to ``out`` unless a complete one is already there; return its path."""
+    out = Path(os.path.expanduser(str(out)))
+    if not (out / "model_index.json").is_file():
+        print(f"[cn_lightning] writing tiny {preset!r} Stable Diffusion backbone to {out}")
+        write_tiny_backbone(out, preset=preset, seed=seed)
+    return str(out)
+
+
+def _model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cn_lightning.models.tiny",
+        description="Write a tiny Stable Diffusion model (diffusers layout) built from configs.",
+    )
+    parser.add_argument("--out", required=True, help="directory to write the model to")
+    parser.add_argument("--preset", default="test", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    path = write_tiny_backbone(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote tiny Stable Diffusion model ({args.preset}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
