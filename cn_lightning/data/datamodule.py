@@ -1,0 +1,232 @@
+"""``ShardDataModule``: WebDataset shards → batches for the ControlNet LightningModule.
+
+Batch contract (dict):
+    image      float32 (B,3,H,W) in [-1, 1]
+    condition  float32 (B,3,H,W) in [0, 1]  (single-channel conditions repeated to 3)
+    prompt     list[str];  key  list[str]
+    latent     float32 (B,C,h,w), cached VAE posterior mean, unscaled (use_cached_latents only)
+    n_skipped  int64 scalar: corrupt samples skipped by this worker since its previous batch
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from cn_lightning.data.format import expand_shard_urls, manifest_num_samples
+from cn_lightning.data.stream import ShardStream, StreamConfig, check_enough_shards
+
+log = logging.getLogger(__name__)
+
+
+class EpochDataLoader(DataLoader):
+    """DataLoader that tells its ShardStream which epoch starts, before workers are forked,
+    so each epoch of the finite mode gets a new shard order and fresh augmentation."""
+
+    def __init__(self, dataset: ShardStream, start_epoch: int = 0, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._next_epoch = start_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self._next_epoch
+        self._next_epoch += 1
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Condition/image pairs streamed from WebDataset shards (see docs/data.md).
+
+    Args:
+        train_shards / val_shards: brace pattern, ``::``-joined patterns, list, local directory
+            (its manifest's shards) or ``pipe:`` commands.
+        condition_key: condition member to read, ``<key>.<condition_key>.png``.
+        resampled: True = endless resampling of shards per (rank, worker) - no rank can run dry;
+            False = finite epochs, each rank and worker reading a disjoint set of whole shards.
+        samples_per_epoch: epoch length in samples over all ranks; every rank yields
+            ``samples_per_epoch // (world_size * batch_size)`` batches. Default: the manifest's
+            sample count if the shards have one, else endless (resampled) / refused (finite).
+        crop / random_flip: training augmentation, the same for image and condition.
+        use_cached_latents: read ``<key>.latent.npy`` into ``batch["latent"]``.
+        seed: with rank, worker and the resume step, seeds every random choice.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        condition_key: str = "canny",
+        resolution: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        samples_per_epoch: int | None = None,
+        random_flip: bool = False,
+        crop: str = "center",
+        use_cached_latents: bool = False,
+        seed: int = 0,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__()
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if use_cached_latents and (crop != "center" or random_flip):
+            raise ValueError("use_cached_latents needs crop='center' and random_flip=False: the "
+                             "latents were encoded from the centre crop and cannot follow a "
+                             "random crop or flip")
+        if batch_size < 1 or resolution < 8:
+            raise ValueError("batch_size must be >= 1 and resolution >= 8")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.condition_key = condition_key
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.samples_per_epoch = samples_per_epoch
+        self.random_flip = random_flip
+        self.crop = crop
+        self.use_cached_latents = use_cached_latents
+        self.seed = seed
+        self._resume_step: int | None = None
+        self._skipped = {"train": 0, "val": 0}
+
+    # -- resume / distribution ------------------------------------------------------------
+    def set_resume_step(self, step: int) -> None:
+        """Seed the training stream with the step the run resumes from (overrides the
+        trainer's ``global_step``, which is used otherwise)."""
+        self._resume_step = int(step)
+
+    def resume_step(self) -> int:
+        """Explicit ``set_resume_step`` value, else ``trainer.global_step`` (Lightning restores
+        it from the checkpoint before it builds the dataloaders), else 0."""
+        if self._resume_step is not None:
+            return self._resume_step
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_step) if trainer is not None else 0
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _start_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    # -- datasets -------------------------------------------------------------------------
+    def _batches_per_epoch(self, urls_spec, world_size: int) -> int | None:
+        samples = self.samples_per_epoch
+        if samples is None:
+            samples = manifest_num_samples(urls_spec)
+        if samples is None:
+            if not self.resampled:
+                raise ValueError(
+                    "finite epoch mode (resampled=False) needs samples_per_epoch, or shards "
+                    "with a manifest.json giving their sample count")
+            return None
+        batches = samples // (world_size * self.batch_size)
+        if batches < 1:
+            raise ValueError(f"samples_per_epoch={samples} is less than one batch per rank "
+                             f"({world_size} ranks x batch_size {self.batch_size})")
+        return batches
+
+    def build_train_dataset(self, rank: int | None = None,
+                            world_size: int | None = None) -> ShardStream:
+        """The training stream of one rank (rank/world from the trainer unless given)."""
+        if rank is None or world_size is None:
+            rank, world_size = self._rank_world()
+        urls = expand_shard_urls(self.train_shards)
+        if not urls:
+            raise ValueError(f"train_shards {self.train_shards!r} matches no shards")
+        if not self.resampled:
+            check_enough_shards(len(urls), world_size, self.num_workers)
+        cfg = StreamConfig(
+            urls=urls, condition_key=self.condition_key, resolution=self.resolution,
+            batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            batches_per_epoch=self._batches_per_epoch(self.train_shards, world_size),
+            crop=self.crop, random_flip=self.random_flip,
+            use_cached_latents=self.use_cached_latents, seed=self.seed, rank=rank,
+            world_size=world_size, resume_step=self.resume_step(), training=True)
+        return ShardStream(cfg, epoch=self._start_epoch())
+
+    def build_val_dataset(self, rank: int | None = None,
+                          world_size: int | None = None) -> ShardStream | None:
+        """One pass over the validation shards, split by sample across ranks and workers."""
+        if self.val_shards is None:
+            return None
+        if rank is None or world_size is None:
+            rank, world_size = self._rank_world()
+        urls = expand_shard_urls(self.val_shards)
+        if not urls:
+            raise ValueError(f"val_shards {self.val_shards!r} matches no shards")
+        cfg = StreamConfig(
+            urls=urls, condition_key=self.condition_key, resolution=self.resolution,
+            batch_size=self.val_batch_size, shuffle_buffer=0, resampled=False,
+            batches_per_epoch=None, crop="center", random_flip=False,
+            use_cached_latents=self.use_cached_latents, seed=self.seed, rank=rank,
+            world_size=world_size, training=False, drop_last=False)
+        return ShardStream(cfg)
+
+    def _loader(self, dataset: ShardStream, start_epoch: int = 0) -> DataLoader:
+        workers = self.num_workers
+        return EpochDataLoader(
+            dataset, start_epoch=start_epoch, batch_size=None, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+            persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.build_train_dataset()
+        log.info("train stream: %d shards, rank %d/%d, resume step %d, %s batches/epoch",
+                 len(dataset.cfg.urls), dataset.cfg.rank, dataset.cfg.world_size,
+                 dataset.cfg.resume_step, dataset.cfg.batches_per_epoch or "endless")
+        return self._loader(dataset, start_epoch=dataset.epoch)
+
+    def val_dataloader(self) -> DataLoader | list:
+        dataset = self.build_val_dataset()
+        return [] if dataset is None else self._loader(dataset)
+
+    # -- skipped-sample accounting ----------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Accumulate the workers' skip counts on the host, before the move to the device."""
+        if isinstance(batch, dict) and "n_skipped" in batch:
+            trainer = getattr(self, "trainer", None)
+            split = "train" if trainer is None or trainer.training else "val"
+            self._skipped[split] += int(batch["n_skipped"])
+        return batch
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Corrupt samples skipped so far on this rank: ``{"train": n, "val": m}``."""
+        return dict(self._skipped)
+
+
+class SkippedSamplesLogger(Callback):
+    """Logs ``data/skipped_samples``: corrupt samples skipped so far in training, summed over
+    ranks. Reads the ShardDataModule's counts, else the batches' ``n_skipped``."""
+
+    def __init__(self, name: str = "data/skipped_samples"):
+        self.name = name
+        self._total = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if isinstance(dm, ShardDataModule):
+            total = dm.skipped_counts()["train"]
+        elif isinstance(batch, dict) and "n_skipped" in batch:
+            self._total += int(batch["n_skipped"])
+            total = self._total
+        else:
+            return
+        pl_module.log(self.name, float(total), on_step=True, on_epoch=False, reduce_fx="sum",
+                      sync_dist=trainer.world_size > 1, batch_size=1)

@@ -1,0 +1,323 @@
+"""The sample stream behind :class:`~cn_lightning.data.ShardDataModule`.
+
+Per DataLoader worker: shard URLs → tar members grouped into raw samples → shuffle buffer →
+decode + paired resize/crop/flip (corrupt samples skipped and counted) → batches of tensors.
+Batching happens in the worker (the DataLoader uses ``batch_size=None``), so every rank yields
+exactly the number of batches it was given, whatever the shard sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from cn_lightning.conditions import is_discrete
+from cn_lightning.data.format import IMAGE_EXTS, LATENT_EXT, decode_image, decode_npy
+from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("open_error", "corrupt_tar", "missing_image", "missing_condition",
+                "decode_error", "size_mismatch", "bad_latent")
+_CONDITION_EXTS = ("png", "jpg", "jpeg", "webp")
+_MAX_WARNINGS = 10
+_MAX_CONSECUTIVE_FAILURES = 10_000
+
+
+class TooFewShardsError(ValueError):
+    """Finite epoch mode needs at least one shard per (rank, worker)."""
+
+
+@dataclass
+class StreamConfig:
+    """Everything a worker needs to produce its batches (picklable)."""
+
+    urls: list[str]
+    condition_key: str = "canny"
+    resolution: int = 512
+    batch_size: int = 4
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    batches_per_epoch: int | None = None  # per rank; None = endless (resampled) or one pass
+    crop: str = "center"
+    random_flip: bool = False
+    use_cached_latents: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    resume_step: int = 0
+    training: bool = True  # False: validation (split by sample, no shuffle/augmentation)
+    drop_last: bool = True
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 64-bit seed from integers (seed, rank, worker, step, epoch, ...)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
+               .astype(np.uint64).view(np.uint64)[0])
+
+
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Finite mode splits whole shards over ranks x workers; refuse if some would get none."""
+    needed = world_size * max(1, num_workers)
+    if num_shards < needed:
+        raise TooFewShardsError(
+            f"finite epoch mode (resampled=False) splits shards over {world_size} rank(s) x "
+            f"{max(1, num_workers)} worker(s) = {needed} readers, but there are only "
+            f"{num_shards} shard(s): some readers would get no data and DDP would hang. Use "
+            "resampled=True (the default), fewer num_workers, or more, smaller shards "
+            "(data_prep --samples-per-shard).")
+
+
+class SkipCounter:
+    """Counts skipped samples by reason; ``take()`` returns the count since the last take."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._reported = 0
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if sum(self.counts.values()) <= _MAX_WARNINGS:
+            log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+    def take(self) -> int:
+        total = sum(self.counts.values())
+        delta, self._reported = total - self._reported, total
+        return delta
+
+
+def iter_tar(url: str, counter: SkipCounter) -> Iterator[dict[str, bytes | str]]:
+    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one shard, local path or
+    ``pipe:``/URL. A shard that cannot be opened or breaks off (truncated, corrupt) is counted
+    once and the stream moves on to the next shard."""
+    try:
+        stream = gopen(url, "rb")
+    except Exception as err:
+        counter.skip("open_error", url, str(err))
+        return
+    current: dict[str, bytes | str] | None = None
+    try:
+        with closing(stream):
+            for member in tar_file_iterator(stream):
+                key, ext = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = member["data"]
+        if current is not None:
+            yield current
+    except Exception as err:  # the sample being read when the tar broke off is dropped
+        counter.skip("corrupt_tar", url, f"{type(err).__name__}: {err}")
+
+
+def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle with a buffer of ``size`` items (size <= 1: no shuffle)."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _first(sample: dict, names: list[str]) -> bytes | None:
+    for name in names:
+        if name in sample:
+            return sample[name]
+    return None
+
+
+def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
+                  counter: SkipCounter) -> dict | None:
+    """Raw sample → ``{"image": (3,R,R) in [-1,1], "condition": (3,R,R) in [0,1], "prompt",
+    "key"[, "latent": (C,h,w)]}``, or None (counted) if anything is missing or broken."""
+    where = f"{raw['__url__']}:{raw['__key__']}"
+    image_bytes = _first(raw, list(IMAGE_EXTS))
+    if image_bytes is None:
+        counter.skip("missing_image", where)
+        return None
+    cond_bytes = _first(raw, [f"{cfg.condition_key}.{e}" for e in _CONDITION_EXTS])
+    if cond_bytes is None:
+        counter.skip("missing_condition", where, f"no {cfg.condition_key}.png")
+        return None
+    image, condition = decode_image(image_bytes), decode_image(cond_bytes)
+    if image is None or condition is None:
+        counter.skip("decode_error", where, "image" if image is None else "condition")
+        return None
+    if image.shape[:2] != condition.shape[:2]:
+        counter.skip("size_mismatch", where, f"image {image.shape[:2]} vs condition "
+                     f"{condition.shape[:2]}")
+        return None
+    out: dict = {}
+    if cfg.use_cached_latents:
+        try:
+            out["latent"] = torch.from_numpy(decode_npy(raw[LATENT_EXT]).astype(np.float32))
+            assert out["latent"].ndim == 3
+        except Exception as err:
+            counter.skip("bad_latent", where, f"{type(err).__name__}: {err}")
+            return None
+    crop = cfg.crop if cfg.training else "center"
+    image, condition = paired_transform(
+        image, condition, cfg.resolution, crop=crop, flip=cfg.random_flip and cfg.training,
+        rng=rng, discrete_condition=is_discrete(cfg.condition_key))
+    txt = raw.get("txt", b"")
+    out.update(image=image_to_tensor(image), condition=condition_to_tensor(condition),
+               prompt=txt.decode("utf-8", "replace").strip() if isinstance(txt, bytes) else txt,
+               key=str(raw["__key__"]))
+    return out
+
+
+def collate(samples: list[dict], n_skipped: int) -> dict:
+    """List of decoded samples → the batch dict of the DataModule contract."""
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "condition": torch.stack([s["condition"] for s in samples]),
+        "prompt": [s["prompt"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "n_skipped": torch.tensor(n_skipped, dtype=torch.int64),
+    }
+    if "latent" in samples[0]:
+        batch["latent"] = torch.stack([s["latent"] for s in samples])
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Iterable of ready batches for one rank; see the module docstring.
+
+    Seeding: each worker's randomness comes from (seed, rank, worker, resume_step, epoch), and
+    the finite-mode shard order from (seed, resume_step, epoch) shared by all ranks, so two runs
+    with the same seed, world size and ``num_workers`` produce the same stream, while a run
+    resumed at step s continues with a different stream instead of replaying the first one.
+    """
+
+    def __init__(self, cfg: StreamConfig, epoch: int = 0):
+        super().__init__()
+        if not cfg.urls:
+            raise ValueError("no shard URLs given")
+        self.cfg = cfg
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (only when the epoch length is set)."""
+        if self.cfg.batches_per_epoch is None:
+            raise TypeError("endless stream: no length")
+        return self.cfg.batches_per_epoch
+
+    def with_rank(self, rank: int, world_size: int) -> ShardStream:
+        return ShardStream(replace(self.cfg, rank=rank, world_size=world_size), self.epoch)
+
+    # -- per worker -----------------------------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _quota(self, worker: int, num_workers: int) -> int | None:
+        """This worker's share of the rank's batches (round-robin order of the DataLoader)."""
+        total = self.cfg.batches_per_epoch
+        if total is None:
+            return None
+        return total // num_workers + (1 if worker < total % num_workers else 0)
+
+    def _my_shards(self, worker: int, num_workers: int) -> list[str]:
+        """Finite mode: the same shuffled order on every rank, then a disjoint slice each."""
+        cfg = self.cfg
+        check_enough_shards(len(cfg.urls), cfg.world_size, num_workers)
+        order = list(cfg.urls)
+        random.Random(derive_seed(cfg.seed, cfg.resume_step, self.epoch, 1)).shuffle(order)
+        return order[cfg.rank :: cfg.world_size][worker::num_workers]
+
+    def _shard_urls(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[str]:
+        cfg = self.cfg
+        if not cfg.training:
+            yield from cfg.urls  # validation reads everything and splits by sample
+            return
+        if cfg.resampled:
+            while True:  # endless: no rank can run out, so DDP never waits on a finished rank
+                yield rng.choice(cfg.urls)
+        mine = self._my_shards(worker, num_workers)
+        while True:
+            yield from mine
+            if cfg.batches_per_epoch is None:
+                return  # one pass
+            rng.shuffle(mine)  # more passes until the quota is met (equal batches per rank)
+
+    def _raw_samples(self, rng, counter, worker, num_workers) -> Iterator[dict]:
+        cfg = self.cfg
+        readers, reader = cfg.world_size * num_workers, cfg.rank * num_workers + worker
+        index = 0  # running sample index: validation keeps every readers-th sample
+        empty_run = 0
+        for url in self._shard_urls(rng, worker, num_workers):
+            got = False
+            for raw in iter_tar(url, counter):
+                got = True
+                index += 1
+                if not cfg.training and (index - 1) % readers != reader:
+                    continue
+                yield raw
+            empty_run = 0 if got else empty_run + 1
+            if empty_run > max(10, 2 * len(cfg.urls)):
+                # Endless/cycling modes would spin forever on unreadable shards.
+                raise RuntimeError(f"{empty_run} shards in a row gave no samples; "
+                                   f"skipped so far: {dict(counter.counts)}")
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        worker, num_workers = self._worker()
+        rng = random.Random(derive_seed(cfg.seed, cfg.rank, worker, cfg.resume_step, self.epoch))
+        counter = SkipCounter()
+        quota = self._quota(worker, num_workers)
+        if quota == 0:
+            return
+        raw = self._raw_samples(rng, counter, worker, num_workers)
+        if cfg.training:
+            raw = shuffle_buffer(raw, cfg.shuffle_buffer, rng)
+        yield from self._batches(raw, rng, counter, quota)
+
+    def _batches(self, raw, rng, counter, quota) -> Iterator[dict]:
+        cfg = self.cfg
+        pending: list[dict] = []
+        made = failures = 0
+        decoded_any = False
+        for sample in raw:
+            decoded = decode_sample(sample, cfg, rng, counter)
+            if decoded is None:
+                failures += 1
+                if failures > _MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(f"{failures} samples in a row could not be used; "
+                                       f"skipped: {dict(counter.counts)}")
+                continue
+            decoded_any, failures = True, 0
+            pending.append(decoded)
+            if len(pending) == cfg.batch_size:
+                yield collate(pending, counter.take())
+                pending, made = [], made + 1
+                if quota is not None and made >= quota:
+                    return
+        if pending and not cfg.drop_last:
+            yield collate(pending, counter.take())
+            made += 1
+        if quota is not None and made < quota:
+            raise RuntimeError(
+                f"rank {cfg.rank}: the shards gave only {made} of {quota} batches "
+                f"({'no decodable samples' if not decoded_any else 'too few samples'}); "
+                f"skipped: {dict(counter.counts)}")

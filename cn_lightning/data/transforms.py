@@ -1,0 +1,99 @@
+"""Paired image/condition geometry: resize, crop and flip applied identically to both.
+
+All functions work on uint8 numpy arrays (H,W,C) or (H,W); tensors are made at the end:
+images in [-1, 1], conditions in [0, 1], both float32 (3,H,W).
+"""
+
+from __future__ import annotations
+
+import random
+
+import cv2
+import numpy as np
+import torch
+
+RESIZE_MODES = ("center_crop", "shorter_side", "none")
+
+
+def resize_shorter_side(image: np.ndarray, size: int, discrete: bool = False) -> np.ndarray:
+    """Resize so the shorter side is ``size`` (aspect kept). Area filter when shrinking,
+    bilinear when enlarging, nearest for label-like (``discrete``) maps."""
+    h, w = image.shape[:2]
+    if min(h, w) == size:
+        return image
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if discrete:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interp)
+
+
+def crop_box(h: int, w: int, size: int, mode: str, rng: random.Random | None) -> tuple[int, int]:
+    """Top-left (y, x) of a size x size crop: centred, or uniform at random (``mode="random"``)."""
+    if mode == "center":
+        return (h - size) // 2, (w - size) // 2
+    if mode == "random":
+        if rng is None:
+            raise ValueError("random crop needs an rng")
+        return rng.randint(0, h - size), rng.randint(0, w - size)
+    raise ValueError(f"crop must be 'center' or 'random', got {mode!r}")
+
+
+def center_crop_resize(image: np.ndarray, size: int, discrete: bool = False) -> np.ndarray:
+    """Shorter side to ``size`` then centre crop to size x size."""
+    image = resize_shorter_side(image, size, discrete)
+    y, x = crop_box(image.shape[0], image.shape[1], size, "center", None)
+    return image[y : y + size, x : x + size]
+
+
+def apply_resize_policy(image: np.ndarray, resolution: int | None, mode: str,
+                        discrete: bool = False) -> np.ndarray:
+    """The data_prep resize policy: ``center_crop`` (default), ``shorter_side`` or ``none``."""
+    if resolution is None or mode == "none":
+        return image
+    if mode == "center_crop":
+        return center_crop_resize(image, resolution, discrete)
+    if mode == "shorter_side":
+        return resize_shorter_side(image, resolution, discrete)
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def paired_transform(
+    image: np.ndarray,
+    condition: np.ndarray,
+    size: int,
+    crop: str = "center",
+    flip: bool = False,
+    rng: random.Random | None = None,
+    discrete_condition: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize both to shorter side ``size`` and take the same crop (and flip) of each.
+
+    The caller checks that image and condition have the same size first.
+    """
+    image = resize_shorter_side(image, size)
+    condition = resize_shorter_side(condition, size, discrete_condition)
+    y, x = crop_box(image.shape[0], image.shape[1], size, crop, rng)
+    image = image[y : y + size, x : x + size]
+    condition = condition[y : y + size, x : x + size]
+    if flip and rng is not None and rng.random() < 0.5:
+        image, condition = image[:, ::-1], condition[:, ::-1]
+    return image, condition
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H,W,3) → float32 (3,H,W) in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return t / 127.5 - 1.0
+
+
+def condition_to_tensor(condition: np.ndarray) -> torch.Tensor:
+    """uint8 (H,W) or (H,W,C) → float32 (3,H,W) in [0, 1]; one channel is repeated to three."""
+    if condition.ndim == 2:
+        condition = condition[:, :, None]
+    if condition.shape[2] == 1:
+        condition = np.repeat(condition, 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(condition[:, :, :3])).permute(2, 0, 1).float()
+    return t / 255.0
