@@ -1,0 +1,224 @@
+"""Load Stable Diffusion 1.x / 2.x from one original-format (CompVis/Stability LDM) checkpoint, offline.
+
+The weights come from the file; the architectures come from config folders shipped in this package
+(``configs/sd15``, ``configs/sd21``, ``configs/sd21-base``, each laid out like a diffusers pipeline
+folder, configs only). diffusers' single-file converters do the key mapping, so nothing here needs
+the Hub.
+
+The CLIP BPE vocabulary (``configs/clip_bpe/vocab.json`` + ``merges.txt``) is shipped once, built
+from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz``; the per-variant ``tokenizer/`` folders
+only hold the tokenizer settings (SD2 pads with ``"!"``, id 0, like the public SD2 tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cn_lightning.errors import BackboneLoadError
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+CLIP_BPE_DIR = CONFIG_ROOT / "clip_bpe"
+VARIANTS = ("sd15", "sd21", "sd21-base")
+# SD2 weights cannot tell v-prediction (768) from epsilon (512 "base"); like diffusers, assume 768-v.
+DEFAULT_SD2_VARIANT = "sd21"
+
+_UNET_PROBE = "model.diffusion_model.input_blocks.0.0.weight"
+_VAE_PROBE = "first_stage_model.encoder.conv_in.weight"
+_CLIP_PROBE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+_OPEN_CLIP_PROBE = "cond_stage_model.model.token_embedding.weight"
+_CROSS_ATTN_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
+_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def config_dir(variant: str) -> Path:
+    """The shipped diffusers-layout config folder of ``variant`` (``sd15``, ``sd21``, ``sd21-base``)."""
+    if variant not in VARIANTS:
+        raise BackboneLoadError(f"unknown Stable Diffusion variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return CONFIG_ROOT / variant
+
+
+def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` file into a flat CPU state dict.
+
+    Pickled files are read with ``weights_only=True`` unless ``trust_pickle`` (only for files you
+    trust: unpickling can run code). A Lightning-style ``{"state_dict": ...}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneLoadError(f"{path}: no such file; expected a Stable Diffusion .safetensors or .ckpt checkpoint")
+    if path.suffix.lower() not in _SUFFIXES:
+        raise BackboneLoadError(f"{path}: expected a checkpoint file ending in {', '.join(_SUFFIXES)}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # any reader failure means "not a readable checkpoint"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = "" if trust_pickle else " (if it is a trusted pickle, pass trust_pickle=True)"
+        raise BackboneLoadError(f"{path}: cannot read it as a checkpoint{hint}: {first_line}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        state = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+    if not state:
+        raise BackboneLoadError(f"{path}: holds no tensors; expected a Stable Diffusion state dict")
+    return state
+
+
+def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict>") -> str:
+    """Return ``"sd1"`` or ``"sd2"`` from the text encoder layout; raise if this is no SD1/SD2 checkpoint."""
+    missing = [name for name, key in (("UNet", _UNET_PROBE), ("VAE", _VAE_PROBE)) if key not in state_dict]
+    if missing:
+        probe = _UNET_PROBE if "UNet" in missing else _VAE_PROBE
+        raise BackboneLoadError(
+            f"{path}: not an original-format Stable Diffusion checkpoint (no {' or '.join(missing)} weights, "
+            f"e.g. {probe!r}); expected a full SD1.x/SD2.x .safetensors/.ckpt"
+        )
+    if _CLIP_PROBE in state_dict:
+        return "sd1"
+    if _OPEN_CLIP_PROBE in state_dict:
+        return "sd2"
+    if any(k.startswith("conditioner.embedders.") for k in state_dict):
+        raise BackboneLoadError(f"{path}: looks like an SDXL checkpoint; expected SD1.x or SD2.x")
+    raise BackboneLoadError(
+        f"{path}: no text encoder weights ({_CLIP_PROBE!r} for SD1 or {_OPEN_CLIP_PROBE!r} for SD2); "
+        "expected a full SD1.x/SD2.x checkpoint"
+    )
+
+
+def _resolve_variant(family: str, variant: str | None, path: Path) -> str:
+    if variant is None:
+        return "sd15" if family == "sd1" else DEFAULT_SD2_VARIANT
+    config_dir(variant)  # validates the name
+    if (family == "sd1") != (variant == "sd15"):
+        raise BackboneLoadError(f"{path}: holds {family.upper()} weights but variant={variant!r} was requested")
+    return variant
+
+
+def _check_architecture(state_dict: dict[str, Tensor], unet_config: dict[str, Any], path: Path) -> None:
+    """Fail early, in one line, when the weights do not fit the UNet config (inpainting, other context dim)."""
+    in_channels = state_dict[_UNET_PROBE].shape[1]
+    if in_channels != unet_config["in_channels"]:
+        raise BackboneLoadError(
+            f"{path}: UNet takes {in_channels} input channels (an inpainting/depth model?); "
+            f"expected {unet_config['in_channels']}"
+        )
+    to_k = next((v for k, v in state_dict.items() if _CROSS_ATTN_KEY.fullmatch(k)), None)
+    if to_k is not None and to_k.shape[1] != unet_config["cross_attention_dim"]:
+        raise BackboneLoadError(
+            f"{path}: UNet cross-attention context dim is {to_k.shape[1]}; "
+            f"expected {unet_config['cross_attention_dim']} for this config"
+        )
+
+
+def _check_weights_complete(state_dict: dict[str, Tensor], configs: Path, family: str, path: Path) -> None:
+    """Convert the keys with diffusers' converters and check every parameter of each component is there.
+
+    diffusers loads single files with ``strict=False``; a checkpoint with a tensor missing would
+    otherwise fail later with an unrelated message (or keep an uninitialised weight). The models are
+    built on the meta device, so this costs no memory.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(configs / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(configs / "vae")))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(configs / "text_encoder"), local_files_only=True))
+    if family == "sd1":
+        text_sd = convert_ldm_clip_checkpoint(state_dict)
+    else:
+        text_sd = convert_open_clip_checkpoint(text, state_dict)
+    # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); accept both spellings.
+    text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()} | text_sd
+    for component, model, converted in (
+        ("UNet", unet, convert_ldm_unet_checkpoint(state_dict, dict(unet.config))),
+        ("VAE", vae, convert_ldm_vae_checkpoint(state_dict, dict(vae.config))),
+        ("text encoder", text, text_sd),
+    ):
+        missing = sorted(k for k in model.state_dict() if converted.get(k) is None)
+        if missing:
+            raise BackboneLoadError(
+                f"{path}: {component} weights incomplete, {len(missing)} tensors missing "
+                f"(e.g. {missing[0]!r}); expected a full SD checkpoint"
+            )
+
+
+def load_clip_tokenizer(tokenizer_dir: str | Path) -> Any:
+    """A ``CLIPTokenizer`` from a settings-only ``tokenizer/`` folder plus the shipped BPE vocabulary.
+
+    Falls back to the folder's own ``vocab.json``/``merges.txt`` when it has them.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    files = {}
+    if not (tokenizer_dir / "vocab.json").is_file():
+        files = {"vocab": str(CLIP_BPE_DIR / "vocab.json"), "merges": str(CLIP_BPE_DIR / "merges.txt")}
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **files)
+
+
+def load_single_file_components(
+    path: str | Path,
+    *,
+    variant: str | None = None,
+    config_dir_override: str | Path | None = None,
+    trust_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Build ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``noise_scheduler`` from one SD file.
+
+    ``variant`` is ``"sd15"``, ``"sd21"`` (768 px, v-prediction) or ``"sd21-base"`` (512 px,
+    epsilon); by default it is read from the weights (SD2 weights -> ``"sd21"``).
+    ``config_dir_override`` points at another diffusers-layout config folder (e.g. a scaled-down
+    test architecture); the family is still checked against the weights.
+    Raises :class:`BackboneLoadError` (a ``ValueError``) naming the path and what was expected.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    state_dict = load_checkpoint(path, trust_pickle=trust_pickle)
+    family = detect_family(state_dict, path)
+    chosen = _resolve_variant(family, variant, path)
+    configs = Path(config_dir_override) if config_dir_override is not None else config_dir(chosen)
+    unet_config = json.loads((configs / "unet" / "config.json").read_text())
+    _check_architecture(state_dict, unet_config, path)
+
+    try:
+        _check_weights_complete(state_dict, configs, family, path)
+        common = {"config": str(configs), "local_files_only": True, "torch_dtype": torch_dtype}
+        unet = UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", **common)
+        vae = AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common)
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state_dict, subfolder="text_encoder", **common
+        )
+    except BackboneLoadError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and converter failures
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackboneLoadError(f"{path}: weights do not fit the {chosen} architecture: {first_line}") from exc
+
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_clip_tokenizer(configs / "tokenizer"),
+        "noise_scheduler": DDPMScheduler.from_pretrained(str(configs), subfolder="scheduler", local_files_only=True),
+    }
