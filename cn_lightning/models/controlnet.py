@@ -112,11 +112,14 @@ def scale_residuals(
     mid: torch.Tensor,
     scales: Sequence[float] | None,
     only_mid_control: bool = False,
-) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Apply per-output scales and ``only_mid_control`` to the ControlNet's residuals."""
     down = list(down)
     if scales is not None:
         down = [r * s for r, s in zip(down, scales[:-1], strict=True)]
         mid = mid * scales[-1]
-    # only_mid_control: the decoder's skip connections stay untouched, as in the original.
-    return (None if only_mid_control else down), mid
+    if only_mid_control:
+        # The decoder's skip connections stay untouched, as in the original. diffusers' UNet
+        # applies the middle residual only when skip residuals are given too, hence zeros.
+        down = [torch.zeros_like(r) for r in down]
+    return down, mid

@@ -244,7 +244,7 @@ class ControlNetModule(L.LightningModule):
             noisy_latents.to(dtype),
             timesteps,
             encoder_hidden_states=text_embeddings.to(dtype),
-            down_block_additional_residuals=None if down is None else [r.to(dtype) for r in down],
+            down_block_additional_residuals=[r.to(dtype) for r in down],
             mid_block_additional_residual=mid.to(dtype),
             return_dict=False,
         )[0]

@@ -1,0 +1,1 @@
+"""Small shared utilities (checkpoint IO, logging helpers, resolvers)."""

@@ -1,0 +1,43 @@
+"""OmegaConf resolvers used by the configs.
+
+``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE}`` create the quickstart's
+backbone and shards on first use (under a file lock, so every DDP rank can resolve them) and
+return their paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def _locked(path: str):
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path + ".lock")
+
+
+def tiny_backbone(out: str, preset: str = "small", seed: int = 0) -> str:
+    from cn_lightning.models.tiny import ensure_tiny_backbone
+
+    out = os.path.expanduser(out)
+    with _locked(out):
+        return ensure_tiny_backbone(out, preset=preset, seed=int(seed))
+
+
+def circle_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int = 0) -> str:
+    from data_prep.synthetic_circles import ensure_shards
+
+    out = os.path.expanduser(out)
+    with _locked(out):
+        return ensure_shards(out, num_samples=int(num_samples), size=int(size), seed=int(seed))
+
+
+def register_resolvers() -> None:
+    """Register the ``cn.*`` resolvers once (idempotent)."""
+    for name, fn in (("cn.tiny_backbone", tiny_backbone), ("cn.circle_shards", circle_shards)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
