@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from cn_lightning.errors import CnLightningError, ConfigError
@@ -62,8 +63,9 @@ def train(cfg: DictConfig) -> dict:
     """Compose everything from ``cfg``, fit, export the ControlNet; return the final metrics."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # The model first: a wrong model path is the most common mistake and fails fastest.
     module = hydra.utils.instantiate(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
@@ -115,10 +117,20 @@ def print_wandb_sync_hint(loggers: list) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (CnLightningError, OmegaConfBaseException) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"cn_lightning: error: {message}", file=sys.stderr)
+    except (CnLightningError, OmegaConfBaseException, InstantiationException) as err:
+        print(f"cn_lightning: error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_message(err: BaseException) -> str:
+    """One line for the user: the innermost cn_lightning error if Hydra wrapped one."""
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, CnLightningError):
+        cause = cause.__cause__
+    if not isinstance(cause, CnLightningError):
+        cause = err
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 if __name__ == "__main__":
