@@ -51,9 +51,24 @@ class RejectedInput(Exception):
 
 def die(message: str, code: int = 2) -> None:
     """Exit with a one-line error (no traceback) for bad command-line input."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "data_prep"
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = f"python -m data_prep.{script[:-3]}" if script.endswith(".py") else "data_prep"
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["low_threshold=50", "weights=/m.pth"]`` → dict; values parsed as JSON when possible."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            die(f"expected NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = json.loads(value)
+        except ValueError:
+            options[name] = value
+    return options
 
 
 def default_workers() -> int:

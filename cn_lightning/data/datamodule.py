@@ -212,10 +212,10 @@ class ShardDataModule(L.LightningDataModule):
 
 
 class SkippedSamplesLogger(Callback):
-    """Logs ``data/skipped_samples``: corrupt samples skipped so far in training, summed over
+    """Logs ``data/skipped_samples_total``: corrupt samples skipped so far in training, summed over
     ranks. Reads the ShardDataModule's counts, else the batches' ``n_skipped``."""
 
-    def __init__(self, name: str = "data/skipped_samples"):
+    def __init__(self, name: str = "data/skipped_samples_total"):
         self.name = name
         self._total = 0
 
