@@ -62,7 +62,7 @@ def load_captions(path: str | None) -> dict[str, str]:
     captions: dict[str, str] = {}
     try:
         obj = json.loads(text)
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and not {"file_name", "key"} & set(obj):  # a mapping file
             return {os.path.splitext(os.path.basename(k))[0]: str(v) for k, v in obj.items()}
     except ValueError:
         pass
