@@ -17,17 +17,22 @@
 #SBATCH --output=logs/prep_%A_%a.out
 set -euo pipefail
 
-: "${SRC:?set SRC to the input (folder, metadata.jsonl folder or shard pattern)}"
 : "${OUT:?set OUT to the output folder}"
 TOOL=${TOOL:-from_images}                  # from_images | fill50k | ade20k | synthetic_circles
+if [[ "$TOOL" != synthetic_circles ]]; then
+  : "${SRC:?set SRC to the input (folder, metadata.jsonl folder or shard pattern)}"
+fi
 CONDITION=${CONDITION:-canny}
 RESOLUTION=${RESOLUTION:-512}
 SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-1000}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
 mkdir -p logs "$OUT"
-args=(--src "$SRC" --out "$OUT" --resolution "$RESOLUTION"
+args=(--out "$OUT" --resolution "$RESOLUTION"
       --samples-per-shard "$SAMPLES_PER_SHARD" --workers "${SLURM_CPUS_PER_TASK:-8}")
+if [[ "$TOOL" != synthetic_circles ]]; then
+  args+=(--src "$SRC")
+fi
 if [[ "$TOOL" == from_images ]]; then
   args+=(--condition "$CONDITION")
 fi
