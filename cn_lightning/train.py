@@ -12,8 +12,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cn_lightning.errors import CnLightningError, ConfigError
@@ -30,33 +30,102 @@ def instantiate_list(cfg: DictConfig | None) -> list:
 
 
 def find_resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path`` if given, else ``<run>/checkpoints/last.ckpt``.
+    """The checkpoint to resume from: ``ckpt_path`` if given, else the run directory's newest.
 
-    ``resume: auto`` makes a requeued or relaunched job with the same run directory continue
-    where it stopped.
+    With ``resume: auto`` the candidates are ``<run>/checkpoints/last.ckpt`` and the
+    ``<run>/hpc_ckpt_N.ckpt`` Lightning writes when SLURM signals a requeue; the most recently
+    written one wins, so a requeued or relaunched job with the same run directory continues
+    where it stopped. Files and DeepSpeed checkpoint directories both count.
     """
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.exists():
             raise ConfigError(f"ckpt_path {str(path)!r} does not exist")
         return str(path)
-    if cfg.get("resume", "auto") == "auto":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
-    return None
+    if cfg.get("resume", "auto") != "auto":
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [c for c in candidates if c.exists()]
+    if not existing:
+        return None
+    return str(max(existing, key=lambda c: c.stat().st_mtime))
+
+
+def uses_deepspeed(strategy: object) -> bool:
+    """True for a DeepSpeed strategy given as a name, a config dict or an instance."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return True
+    if isinstance(strategy, str):
+        return "deepspeed" in strategy
+    if isinstance(strategy, DictConfig | dict):
+        return "deepspeed" in str(strategy.get("_target_", "")).lower()
+    return False
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` (strategy included), with atomic checkpoint writes.
+
+    DeepSpeed writes its own checkpoint directories (no ``CheckpointIO``); every other strategy,
+    named or given as an object (DDP, FSDP with full state dicts), gets :class:`AtomicCheckpointIO`.
+    The gradient accumulation that reaches ``logical_batch_size`` is set once the Trainer knows
+    its world size (devices x nodes), before ``fit``.
+    """
     from cn_lightning.utils.checkpoint_io import AtomicCheckpointIO
 
-    strategy = cfg.trainer.get("strategy", "auto")
-    plugins = []
-    if isinstance(strategy, str) and "deepspeed" not in strategy:
-        plugins.append(AtomicCheckpointIO())
-    return hydra.utils.instantiate(
+    plugins = [] if uses_deepspeed(cfg.trainer.get("strategy", "auto")) else [AtomicCheckpointIO()]
+    trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
     )
+    trainer.accumulate_grad_batches = resolve_accumulation(cfg, trainer.world_size)
+    return trainer
+
+
+def resolve_accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Accumulation steps: ``logical_batch_size / (per-device batch x world size)`` when the
+    config states a logical batch, else ``trainer.accumulate_grad_batches``."""
+    explicit = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    logical = cfg.get("logical_batch_size")
+    if not logical:
+        return explicit
+    if explicit != 1:
+        raise ConfigError(
+            f"set either logical_batch_size ({logical}) or trainer.accumulate_grad_batches "
+            f"({explicit}), not both (logical_batch_size=null keeps the explicit accumulation)"
+        )
+    per_device = int(cfg.data.get("batch_size", 1))
+    per_step = per_device * world_size
+    if logical % per_step:
+        raise ConfigError(
+            f"logical_batch_size={logical} is not divisible by data.batch_size={per_device} x "
+            f"{world_size} devices (x nodes) = {per_step}; change one of them"
+        )
+    return logical // per_step
+
+
+def global_batch(cfg: DictConfig, trainer: L.Trainer) -> dict[str, int]:
+    """The global batch and its factors: per device x devices x nodes x accumulation."""
+    per_device = int(cfg.data.get("batch_size", 1))
+    nodes = int(trainer.num_nodes)
+    devices = int(trainer.world_size) // max(nodes, 1)
+    accumulate = int(trainer.accumulate_grad_batches)
+    return {
+        "per_device_batch_size": per_device,
+        "devices_per_node": devices,
+        "num_nodes": nodes,
+        "accumulate_grad_batches": accumulate,
+        "global_batch_size": per_device * devices * nodes * accumulate,
+    }
+
+
+class _StartStepReporter(L.Callback):
+    """Prints the optimizer step training starts at (0, or the resumed step)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"[cn_lightning] training starts at step {trainer.global_step}", flush=True)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -66,13 +135,18 @@ def train(cfg: DictConfig) -> dict:
     # The model first: a wrong model path is the most common mistake and fails fastest.
     module = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
-    callbacks = instantiate_list(cfg.get("callbacks"))
+    callbacks = [*instantiate_list(cfg.get("callbacks")), _StartStepReporter()]
     loggers = instantiate_list(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_run_summary(cfg, trainer)
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams["scale"] = global_batch(cfg, trainer)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=find_resume_checkpoint(cfg))
+        logger.log_hyperparams(hparams)
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from and trainer.is_global_zero:
+        print(f"[cn_lightning] resuming from {resume_from}", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_controlnet", True):
         export_dir = Path(cfg.paths.output_dir) / "controlnet"
@@ -83,25 +157,49 @@ def train(cfg: DictConfig) -> dict:
 
 
 def export_trained_controlnet(trainer: L.Trainer, module, out: Path) -> None:
-    """Write the trained branch as a diffusers ControlNet folder (rank 0 writes)."""
-    from cn_lightning.utils.export import save_controlnet_folder
+    """Write the trained branch as a diffusers ControlNet folder (rank 0 writes).
 
+    Works under every strategy: the trainable weights are gathered first (fp32 master weights
+    under DeepSpeed, sharded parameters under ZeRO-3 / FSDP), a collective step every rank runs.
+    """
+    from cn_lightning.utils.checkpoints import gather_trainable_state_dict
+    from cn_lightning.utils.export import controlnet_from_trainable_state, save_controlnet_folder
+
+    state = gather_trainable_state_dict(trainer, module)
     if trainer.is_global_zero:
-        save_controlnet_folder(module.controlnet, out)
+        controlnet = controlnet_from_trainable_state(module.controlnet.config, state)
+        save_controlnet_folder(controlnet, out)
         print(f"[cn_lightning] exported ControlNet to {out}")
     trainer.strategy.barrier("export_controlnet")
 
 
 def log_run_summary(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Print the run directory, the global batch and how it is made (rank 0)."""
     if not trainer.is_global_zero:
         return
-    per_device = cfg.data.get("batch_size", 1)
-    accumulate = trainer.accumulate_grad_batches
-    world = trainer.world_size
+    b = global_batch(cfg, trainer)
+    target = cfg.get("logical_batch_size")
+    aim = f" (logical_batch_size {target})" if target else ""
+    world = b["devices_per_node"] * b["num_nodes"]
     print(
-        f"[cn_lightning] run dir: {cfg.paths.output_dir} | global batch = {per_device} per device "
-        f"x {world} devices x {accumulate} accumulation = {per_device * world * accumulate}"
+        f"[cn_lightning] run dir: {cfg.paths.output_dir} | global batch = "
+        f"{b['per_device_batch_size']} per device x {world} devices x "
+        f"{b['accumulate_grad_batches']} accumulation = {b['global_batch_size']}{aim} "
+        f"({b['devices_per_node']} devices per node x {b['num_nodes']} nodes) "
+        f"| strategy {type(trainer.strategy).__name__}"
     )
+    print_cluster_summary(trainer)
+
+
+def print_cluster_summary(trainer: L.Trainer) -> None:
+    """Say when SLURM was detected and whether Lightning will requeue the job on its signal."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    if isinstance(env, SLURMEnvironment):
+        signal = getattr(env.requeue_signal, "name", env.requeue_signal)
+        requeue = f"auto-requeue on {signal}" if env.auto_requeue else "no auto-requeue"
+        print(f"[cn_lightning] SLURM job {env.job_id()}: {requeue}", flush=True)
 
 
 def print_wandb_sync_hint(loggers: list) -> None:

@@ -1,0 +1,115 @@
+"""Test-only helpers for multi-process runs on CPU (never imported by the product).
+
+``CPUDeepSpeedStrategy`` lets Lightning's ``DeepSpeedStrategy`` run ZeRO-2/3 on CPU with gloo:
+DeepSpeed itself works there, only Lightning's CUDA checks refuse it. The training command
+selects it through config, e.g.
+``strategy=deepspeed_stage_2 trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy
+trainer.accelerator=cpu`` with ``tests/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` on CPU processes (gloo): tests only."""
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
+
+    def setup_environment(self) -> None:
+        # Skip DeepSpeedStrategy's CUDA check; keep the rest of the DDP setup.
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        # As DeepSpeedStrategy.setup_distributed, minus the CUDA device-index validation.
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+class BatchKeyRecorder(L.Callback):
+    """Writes the sample keys each rank trained on to ``<out_dir>/keys_rank<R>.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.keys: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.keys.extend(str(k) for k in batch.get("key", []))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"keys_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.keys))
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a training subprocess: offline, tests/ importable, small thread pools."""
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    for key in [k for k in env if k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))]:
+        env.pop(key)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        CN_LIGHTNING_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    env.update(extra)
+    return env
+
+
+def tiny_run_overrides(tiny_sd_path: str, shards: str, run_dir: Path, steps: int) -> list[str]:
+    """Overrides for a few-step 32 px run of the tiny backbone on circle shards."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        f"model.pretrained_model_path={tiny_sd_path}",
+        f"data.train_shards={shards}",
+        "data.resolution=32",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.condition_key=outline",
+        "trainer.accelerator=cpu",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "callbacks=minimal",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "logger=csv",
+    ]
+
+
+def run_train(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m cn_lightning.train ARGS``; asserts success unless ``check`` is False."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cn_lightning.train", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
+    return result
