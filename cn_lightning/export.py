@@ -150,13 +150,17 @@ def _shipped_config(state_dict: Mapping[str, Tensor], variant: str | None) -> di
 
 
 def resolve_controlnet_config(
-    state_dict: Mapping[str, Tensor], hparams: Mapping[str, Any], base: str | None = None
+    state_dict: Mapping[str, Tensor],
+    hparams: Mapping[str, Any],
+    base: str | None = None,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ControlNet's diffusers config, from the first source that exists.
 
     1. the config of the ControlNet training started from (``controlnet_path``, a diffusers folder);
-    2. ``from_unet`` of the base model's UNet config (``--base`` or ``pretrained_model_path``);
-    3. the shipped SD1.5 / SD2.1 config matching the tensors (single-file bases, unknown bases).
+    2. ``from_unet`` of the base model's UNet config (``base``, else ``pretrained_model_path``);
+    3. ``from_unet`` of ``unet_config`` (the UNet the ControlNet is about to drive);
+    4. the shipped SD1.5 / SD2.1 config matching the tensors (single-file bases, unknown bases).
     """
     start = hparams.get("controlnet_path")
     if base is None and start and (Path(str(start)) / "config.json").is_file():
@@ -167,6 +171,7 @@ def resolve_controlnet_config(
         raise ConfigError(f"--base {str(base_path)!r} does not exist")
     if str(base_path) not in ("", ".") and (base_path / "unet" / "config.json").is_file():
         unet_config = UNet2DConditionModel.load_config(str(base_path / "unet"))
+    if unet_config is not None:
         return controlnet_config_from_unet(unet_config, state_dict)
     return _shipped_config(state_dict, hparams.get("variant"))
 
@@ -186,17 +191,26 @@ def controlnet_from_state_dict(state_dict: Mapping[str, Tensor], config: Mapping
     return model.eval()
 
 
-def load_any_controlnet(src: str | os.PathLike, base: str | None = None) -> tuple[ControlNetModel, TrainedWeights | None]:
-    """A ControlNet from a training checkpoint/run dir, or from an exported ControlNet (either format)."""
+def load_any_controlnet(
+    src: str | os.PathLike, base: str | None = None, unet: UNet2DConditionModel | None = None
+) -> tuple[ControlNetModel, TrainedWeights | None]:
+    """A ControlNet from a training checkpoint/run dir, or from an exported ControlNet (either format).
+
+    ``base`` (a diffusers SD directory) or ``unet`` gives the architecture where the source does
+    not say it (original-format files, checkpoints whose base model is not at hand).
+    """
     path = Path(os.path.expanduser(str(src)))
     if path.is_dir() and (path / "config.json").is_file():
         from cn_lightning.models.controlnet import load_pretrained_controlnet
 
         return load_pretrained_controlnet(path), None
     if path.is_file() and _is_original_format(path):
-        return _load_original(path, base), None
+        from cn_lightning.models.convert_original import load_original_controlnet
+
+        return load_original_controlnet(path, unet=unet if unet is not None else _meta_unet(base)), None
     weights = load_trained_weights(path)
-    config = resolve_controlnet_config(weights.controlnet_state_dict, weights.hparams, base)
+    unet_config = None if unet is None else unet.config
+    config = resolve_controlnet_config(weights.controlnet_state_dict, weights.hparams, base, unet_config)
     return controlnet_from_state_dict(weights.controlnet_state_dict, config), weights
 
 
@@ -222,17 +236,15 @@ def _top_level_keys(path: Path) -> list[str]:
     return [str(k) for k in data] if isinstance(data, dict) else []
 
 
-def _load_original(path: Path, base: str | None) -> ControlNetModel:
-    from cn_lightning.models.convert_original import load_original_controlnet
-
-    unet = None
-    if base is not None:
-        unet_dir = Path(base) / "unet"
-        if not unet_dir.is_dir():
-            raise ConfigError(f"--base {base!r} is not a diffusers Stable Diffusion directory (no unet/)")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(unet_dir)))
-    return load_original_controlnet(path, unet=unet)
+def _meta_unet(base: str | None) -> UNet2DConditionModel | None:
+    """A weightless UNet of the diffusers SD directory ``base`` (its config is all that is needed)."""
+    if base is None:
+        return None
+    unet_dir = Path(os.path.expanduser(base)) / "unet"
+    if not unet_dir.is_dir():
+        raise ConfigError(f"--base {base!r} is not a diffusers Stable Diffusion directory (no unet/)")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(unet_dir)))
 
 
 # ------------------------------------------------------------------------------ writing
