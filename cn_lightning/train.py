@@ -221,14 +221,21 @@ def main(cfg: DictConfig) -> None:
 
 
 def user_message(err: BaseException) -> str:
-    """One line for the user: the innermost cn_lightning error if Hydra wrapped one."""
+    """One line for the user: the innermost cn_lightning error if Hydra wrapped one, else the
+    wrapper's first line followed by the innermost cause (e.g. a strategy the Trainer refused)."""
     cause = err
     while cause.__cause__ is not None and not isinstance(cause, CnLightningError):
         cause = cause.__cause__
-    if not isinstance(cause, CnLightningError):
-        cause = err
-    text = str(cause).strip()
-    return text.splitlines()[0] if text else type(cause).__name__
+    if isinstance(cause, CnLightningError):
+        return _first_line(cause)
+    if cause is not err:
+        return f"{_first_line(err).rstrip(':')}: {type(cause).__name__}: {_first_line(cause)}"
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def tiny_run_overrides(tiny_sd_path: str, shards: str, run_dir: Path, steps: int
         f"trainer.max_steps={steps}",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        "+trainer.enable_model_summary=false",
         "callbacks=minimal",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "logger=csv",
@@ -113,3 +113,29 @@ def run_train(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 60
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
     return result
+
+
+CONDITION_KEYS = ("canny", "depth", "normal", "mlsd", "hed", "seg", "openpose", "scribble")
+
+
+def write_condition_shards(out: Path, num_samples: int = 16, size: int = 32,
+                           per_shard: int = 4, conditions=CONDITION_KEYS) -> str:
+    """Tiny shards whose samples carry every paper condition (``<key>.<cond>.png``);
+    returns the directory, which ``data.train_shards`` accepts."""
+    import numpy as np
+
+    from cn_lightning.data.format import encode_image, write_shard_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(num_samples):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        sample = {"__key__": f"{i:06d}", "png": encode_image(image, "png"),
+                  "txt": f"a test image {i}", "json": json.dumps({"i": i})}
+        for cond in conditions:
+            sample[f"{cond}.png"] = encode_image(255 - image, "png")
+        samples.append(sample)
+    for s in range(0, num_samples, per_shard):
+        write_shard_atomic(str(out / f"cond-{s // per_shard:06d}.tar"), samples[s:s + per_shard])
+    return str(out)
