@@ -237,3 +237,35 @@ def test_original_file_for_another_architecture_is_refused(tiny_sd_path, tmp_pat
     with pytest.raises(CheckpointFormatError, match=r"c\.safetensors: does not fit .*size mismatch") as info:
         load_original_controlnet(path, unet=load_backbone(tiny_sd_path).unet)
     assert "\n" not in str(info.value)
+
+
+def test_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(opt in text for opt in ("--format", "--out", "--dtype", "--base", "{diffusers,original}"))
+
+
+def test_module_entry_point_reports_errors_in_one_line(tmp_path):
+    """``python -m cn_lightning.export`` itself: bad input exits 2 with one line, no traceback."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cn_lightning.export", str(tmp_path / "run"), "--format", "original", "--out", "x"]
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"cn_lightning: error: '{tmp_path / 'run'}' does not exist: expected a .ckpt file, a DeepSpeed checkpoint "
+        "or a run directory"
+    ]
+
+
+def test_unlocked_decoder_is_noted_and_left_out(tiny_sd_path, tmp_path, capsys):
+    module = ControlNetModule(tiny_sd_path, sd_locked=False)
+    _perturb(module.controlnet)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    assert main([str(tmp_path / "m.ckpt"), "--format", "diffusers", "--out", str(tmp_path / "cn")]) == 0
+    assert "fine-tuned UNet decoder tensors (sd_locked=false)" in capsys.readouterr().err
+    exported = ControlNetModel.from_pretrained(tmp_path / "cn", local_files_only=True)
+    _assert_same(_residuals(exported, module, 16, 32), _residuals(module.controlnet, module, 16, 32))
