@@ -17,6 +17,7 @@ from cn_lightning.generate import (
     Control,
     GenerationSettings,
     build_pipeline,
+    default_size,
     generate,
     load_controlnet,
     main,
@@ -83,13 +84,12 @@ def test_cli_with_canny_on_another_base_model_writes_pngs_with_settings(assets, 
     argv = [
         "--base", assets["other_base"], "--controlnet", assets["controlnets"][0], "--image", assets["photo"],
         "--extractor", "canny", "--prompt", "red circle", "--negative-prompt", "blurry", "--steps", "2",
-        "--guidance", "3", "--seed", "5", "--batch", "2", "--out", str(out),
+        "--guidance", "3", "--seed", "5", "--batch", "2", "--width", "40", "--height", "32", "--out", str(out),
     ]
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000005.png", "000006.png", "condition_0.png"]
     first, second = Image.open(out / "000005.png"), Image.open(out / "000006.png")
-    # 48x40 photo: the shorter side goes to the model's native 64 px, rounded to multiples of 8.
-    assert first.size == second.size == (80, 64)
+    assert first.size == second.size == (40, 32)
     meta = json.loads(first.text["cn_lightning"])
     assert meta["base"] == assets["other_base"] and meta["prompt"] == "red circle"
     assert meta["negative_prompt"] == "blurry" and meta["seed"] == 5 and meta["steps"] == 2
@@ -97,22 +97,22 @@ def test_cli_with_canny_on_another_base_model_writes_pngs_with_settings(assets, 
         {"controlnet": assets["controlnets"][0], "image": assets["photo"], "scale": 1.0, "extractor": "canny"}
     ]
     assert json.loads(second.text["cn_lightning"])["seed"] == 6
-    assert "Seed: 5, Size: 80x64" in first.text["parameters"]
+    assert "Seed: 5, Size: 40x32" in first.text["parameters"]
     assert np.abs(_pixels(first) - _pixels(second)).max() > 0  # other seed, other image
 
     # The condition is Canny of the photo at the output size.
-    photo = np.asarray(Image.open(assets["photo"]).convert("RGB").resize((80, 64), Image.LANCZOS))
+    photo = np.asarray(Image.open(assets["photo"]).convert("RGB").resize((40, 32), Image.LANCZOS))
     expected = get_extractor("canny")(photo)
     condition = np.asarray(Image.open(out / "condition_0.png"))
     assert np.array_equal(condition[..., 0], expected) and expected.any()
 
     # Same settings again give the same pixels; the original base model gives other pixels.
     control = Control(assets["controlnets"][0], assets["photo"], 1.0, "canny")
-    common = {"negative_prompt": "blurry", "width": 80, "height": 64}
+    common = {"negative_prompt": "blurry", "width": 40, "height": 32, "batch_size": 2}
     again, _ = generate(_settings(assets, [control], base=assets["other_base"], **common))
-    assert np.array_equal(np.asarray(again[0]), np.asarray(first))
+    assert np.array_equal(np.asarray(again[1]), np.asarray(second))
     on_base, _ = generate(_settings(assets, [control], **common))
-    assert np.abs(_pixels(on_base[0]) - _pixels(first)).max() > 0
+    assert np.abs(_pixels(on_base[1]) - _pixels(second)).max() > 0
 
 
 def test_multi_controlnet_is_the_sum_of_single_residuals(assets):
@@ -135,20 +135,29 @@ def test_multi_controlnet_is_the_sum_of_single_residuals(assets):
 
 def test_composition_through_the_pipeline(assets):
     a, b = assets["controlnets"]
-    single, _ = generate(_settings(assets, [Control(a, assets["condition"], 0.8)]))
-    muted, _ = generate(_settings(assets, [Control(a, assets["condition"], 0.8), Control(b, assets["photo"], 0.0)]))
-    both, _ = generate(_settings(assets, [Control(a, assets["condition"], 0.8), Control(b, assets["photo"], 1.0)]))
-    assert single[0].size == (64, 64)
+    size = {"steps": 1, "width": 32, "height": 32}
+    single, _ = generate(_settings(assets, [Control(a, assets["condition"], 0.8)], **size))
+    pair = [Control(a, assets["condition"], 0.8), Control(b, assets["photo"], 0.0)]
+    muted, _ = generate(_settings(assets, pair, **size))
+    pair[1].scale = 1.0
+    both, _ = generate(_settings(assets, pair, **size))
+    assert single[0].size == (32, 32)
     assert np.array_equal(np.asarray(single[0]), np.asarray(muted[0]))  # a second ControlNet at scale 0 adds nothing
     assert np.abs(_pixels(both[0]) - _pixels(single[0])).max() > 0
 
 
 def test_guess_mode_and_size_options(assets):
     control = Control(assets["controlnets"][0], assets["condition"])
-    normal, _ = generate(_settings(assets, [control], prompt="", width=40, height=48))
-    guessed, _ = generate(_settings(assets, [control], prompt="", width=40, height=48, guess_mode=True))
-    assert normal[0].size == guessed[0].size == (40, 48)
+    normal, _ = generate(_settings(assets, [control], prompt="", width=24, height=32, steps=1))
+    guessed, _ = generate(_settings(assets, [control], prompt="", width=24, height=32, steps=1, guess_mode=True))
+    assert normal[0].size == guessed[0].size == (24, 32)
     assert np.abs(_pixels(normal[0]) - _pixels(guessed[0])).max() > 0
+
+
+def test_default_size_keeps_the_aspect_at_the_native_resolution():
+    # 48x40 photo: the shorter side goes to the model's native 64 px, rounded to multiples of 8.
+    assert default_size(np.zeros((40, 48, 3), np.uint8), 64) == (80, 64)
+    assert default_size(np.zeros((1000, 600, 3), np.uint8), 512) == (512, 856)
 
 
 def test_condition_maps_keep_their_values_when_resized():
