@@ -269,3 +269,16 @@ def test_unlocked_decoder_is_noted_and_left_out(tiny_sd_path, tmp_path, capsys):
     assert "fine-tuned UNet decoder tensors (sd_locked=false)" in capsys.readouterr().err
     exported = ControlNetModel.from_pretrained(tmp_path / "cn", local_files_only=True)
     _assert_same(_residuals(exported, module, 16, 32), _residuals(module.controlnet, module, 16, 32))
+
+
+def test_generate_reads_a_run_directory_directly(default_run, tiny_sd_path, tmp_path):
+    from PIL import Image
+
+    from cn_lightning.generate import main as generate_main
+
+    run, _ = default_run
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "cond.png")
+    argv = ["--base", tiny_sd_path, "--controlnet", str(run), "--image", str(tmp_path / "cond.png"),
+            "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    assert generate_main(argv) == 0
+    assert Image.open(tmp_path / "out" / "000000.png").size == (32, 32)
