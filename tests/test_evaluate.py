@@ -154,7 +154,7 @@ def test_fidelity_of_known_images_is_hand_computed(assets, tmp_path):
 def test_shards_split_over_ranks_give_the_same_samples(assets):
     cfg = EvalConfig(
         val_shards=assets["shards"], condition_key="outline", out="unused", resolution=SIZE,
-        base=assets["base"], controlnet=assets["controlnet"], steps=1, batch_size=2,
+        base=assets["base"], controlnet=assets["controlnet"], steps=1, batch_size=3,
     )
     source = PipelineSource(cfg, torch.device("cpu"), torch.float32)
     whole = evaluate_split(cfg, source, build_metrics(cfg), progress=False)
