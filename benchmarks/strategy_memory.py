@@ -108,6 +108,9 @@ def measure(module, optimizer, inner_optimizer) -> dict[str, int]:
         for p in group["params"]:
             c.add(p.data, "optimizer")  # ZeRO's fp32 master partitions
             c.add(p.grad, "grads")
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(optimizer, name, []):  # ZeRO-3 / ZeRO-1,2 fp32 master partitions
+            c.add(t, "optimizer")
     if optimizer is not inner_optimizer:
         c.walk(optimizer, "other")
     return dict(c.bytes)
