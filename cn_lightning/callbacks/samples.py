@@ -301,6 +301,10 @@ class SampleGridLogger(L.Callback):
         if use_val and trainer.is_global_zero:
             batch = _first_val_samples(trainer.datamodule, self.num_samples)
         n = self.num_samples
+        if len(batch["prompt"]) < n:
+            log.warning("sample grid: only %d samples available for num_samples=%d (the fixed "
+                        "set comes from one batch; set data.val_shards for more)",
+                        len(batch["prompt"]), n)
         fixed = {
             "condition": _to_uint8(batch["condition"][:n].float()),
             "prompt": [str(p) for p in batch["prompt"][:n]],

@@ -1,0 +1,130 @@
+"""Sample grids, fidelity, convergence and throughput callbacks in real tiny training runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from cn_lightning.callbacks.convergence import SuddenConvergenceDetector
+from cn_lightning.callbacks.samples import SampleGridLogger, sampling_schedule
+from cn_lightning.callbacks.throughput import StepProgressBar, ThroughputLogger, make_progress_bar
+from cn_lightning.data import ShardDataModule
+from cn_lightning.models.module import ControlNetModule
+from cn_lightning.utils.loggers import make_wandb_logger, offline_wandb_dirs
+
+
+@pytest.fixture(scope="module")
+def circle_shards(tmp_path_factory) -> str:
+    from data_helpers import make_circle_shards
+
+    return make_circle_shards(tmp_path_factory.mktemp("circles"), num_samples=16, size=32)
+
+
+def _datamodule(shards: str) -> ShardDataModule:
+    return ShardDataModule(
+        train_shards=shards, condition_key="outline", resolution=32, batch_size=2,
+        num_workers=0, shuffle_buffer=4, resampled=True, seed=0,
+    )
+
+
+def _trainer(root: Path, callbacks: list, loggers: list, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=root, accelerator="cpu", devices=1, max_steps=max_steps,
+        log_every_n_steps=1, callbacks=callbacks, logger=loggers, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+
+
+def test_schedule_is_log_spaced_then_every_n():
+    steps = [s for s in range(1, 101) if sampling_schedule(s, 25)]
+    assert steps == [1, 2, 4, 8, 16, 25, 50, 75, 100]
+    assert [s for s in range(1, 101) if sampling_schedule(s, 25, log_spaced=False)] == [25, 50, 75, 100]
+    assert not any(sampling_schedule(s, 0) for s in range(1, 100))
+
+
+def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards, tmp_path):
+    torch.manual_seed(0)
+    module = ControlNetModule(tiny_sd_path, sample_steps=2, guidance_scale=3.0, learning_rate=1e-3)
+    samples = SampleGridLogger(every_n_steps=4, num_samples=2)
+    detector = SuddenConvergenceDetector()
+    throughput = ThroughputLogger(window=4, peak_tflops=1.0)  # FLOPs counted on CPU too
+    wandb_logger = make_wandb_logger(save_dir=str(tmp_path), name="callbacks-test", mode="offline")
+    csv_logger = CSVLogger(tmp_path, name="csv", version="")
+    trainer = _trainer(tmp_path, [samples, detector, throughput, StepProgressBar()],
+                       [wandb_logger, csv_logger], max_steps=5)
+    trainer.fit(module, datamodule=_datamodule(circle_shards))
+    wandb_logger.experiment.finish()
+
+    # Baseline before training, log-spaced 1, 2, 4 (4 is also every_n), and the end.
+    expected = [0, 1, 2, 4, 5]
+    assert [h["step"] for h in samples.history] == expected
+    pngs = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert pngs == [f"step_{s:07d}.png" for s in expected]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "samples" / pngs[0])
+    assert grid.size == (4 * 32, 2 * 32)  # condition | sample | no prompt | target, 2 rows
+    (run,) = offline_wandb_dirs(tmp_path)
+    media = list((run / "files" / "media" / "images" / "samples").glob("grid_*.png"))
+    assert len(media) == len(expected)
+
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    fid_steps = [int(r["step"]) for r in rows if r.get("val/fidelity")]
+    assert fid_steps == expected
+    for r in rows:
+        if r.get("val/fidelity"):
+            assert 0.0 <= float(r["val/fidelity"]) <= 1.0
+            assert float(r["val/circle_iou"]) == float(r["val/fidelity"])
+            assert r["val/fidelity_no_prompt"] and float(r["samples/time_s"]) > 0
+    perf = [r for r in rows if r.get("perf/samples_per_s")]
+    assert perf and all(float(r["perf/samples_per_s"]) > 0 for r in perf)
+    last = perf[-1]
+    assert float(last["perf/peak_memory_gb"]) > 0.1  # RSS of a process holding torch
+    assert 0 <= float(last["perf/data_wait_share"]) < 1
+    assert throughput.flops_per_sample and throughput.flops_per_sample > 1e6
+    assert 0 < float(last["perf/mfu"]) < 1
+
+    report = json.loads((tmp_path / "convergence.json").read_text())
+    assert [p["step"] for p in report["series"]] == expected
+    assert report["metric"] == "fidelity" and "sudden_convergence_step" in report
+    assert report["thresholds"]["persistence"] == 3
+
+
+def test_detector_in_a_run_finds_the_jump_and_stops_training(tiny_sd_path, circle_shards,
+                                                             tmp_path, capsys):
+    module = ControlNetModule(tiny_sd_path, sample_steps=2)
+    # A series with a jump at step 3 (as if sampled earlier in this run); no new sampling.
+    samples = SampleGridLogger(every_n_steps=0, at_start=False, at_end=False)
+    values = [0.10, 0.11, 0.10, 0.80, 0.82, 0.81]
+    samples.history = [{"step": s, "fidelity": v} for s, v in enumerate(values)]
+    detector = SuddenConvergenceDetector(stop_after_steps=2)
+    wandb_logger = make_wandb_logger(save_dir=str(tmp_path), name="detector-test", mode="offline")
+    trainer = _trainer(tmp_path, [samples, detector], [wandb_logger], max_steps=20)
+    trainer.fit(module, datamodule=_datamodule(circle_shards))
+    assert detector.detected_step == 3
+    assert wandb_logger.experiment.summary["sudden_convergence_step"] == 3
+    wandb_logger.experiment.finish()
+    assert trainer.global_step == 5  # stopped 2 steps after the detected step, not at 20
+    report = json.loads((tmp_path / "convergence.json").read_text())
+    assert report["sudden_convergence_step"] == 3
+    assert [p["fidelity"] for p in report["series"]] == values
+    assert "sudden convergence at step 3" in capsys.readouterr().out + _log_text(tmp_path)
+
+
+def test_progress_bar_follows_the_trainer_setting():
+    assert isinstance(make_progress_bar(True), StepProgressBar)
+    disabled = make_progress_bar(False)
+    assert not isinstance(disabled, StepProgressBar)
+    L.Trainer(callbacks=[disabled], enable_progress_bar=False, logger=False)  # no refusal
+    bar = StepProgressBar()
+    assert bar.eta_seconds(10, 100) is None  # not started
+
+
+def _log_text(root: Path) -> str:
+    return "".join(p.read_text() for p in root.rglob("*.log"))
