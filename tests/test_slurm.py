@@ -112,7 +112,9 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_sd_path, tmp_path):
     assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] >= 2
     # Training goes on until SLURM kills the job, so a periodic checkpoint may be newer than the
     # requeue checkpoint: the relaunch must continue from whichever was written last.
-    newest = max([hpc, run_dir / "checkpoints" / "last.ckpt"], key=lambda p: p.stat().st_mtime)
+    # (last.ckpt may not exist yet if the kill came between the two writes of a periodic save.)
+    written = [p for p in (hpc, run_dir / "checkpoints" / "last.ckpt") if p.exists()]
+    newest = max(written, key=lambda p: p.stat().st_mtime)
     step = torch.load(newest, map_location="cpu", weights_only=False)["global_step"]
 
     second = run_train([*common, f"trainer.max_steps={step + 2}"], env, tmp_path)
