@@ -1,7 +1,8 @@
 """Real multi-process training on CPU (gloo): DDP and DeepSpeed ZeRO-2/3 through the train CLI.
 
-Each run is 2 processes of the tiny backbone on 32 px circle shards. DeepSpeed runs are marked
-slow: DeepSpeed JIT-compiles its CPU communication op on first use (1-2 minutes on 2 cores).
+Each run is 2 processes of the tiny backbone on 32 px circle shards. The DeepSpeed runs are in
+the default suite so CI exercises ZeRO for real; the first one also JIT-compiles DeepSpeed's CPU
+communication op on a fresh machine (1-2 minutes on 2 cores, cached afterwards).
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ def _deepspeed_args(tiny_sd_path: str, shards: str, run_dir: Path, stage: int, s
     ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_processes_train_checkpoint_resume_export(
     stage, tiny_sd_path, circle_shards, tmp_path

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli_error
 from diffusers import ControlNetModel
 from PIL import Image
 
@@ -23,7 +24,6 @@ from cn_lightning.evaluate import (
 from cn_lightning.metrics import condition_fidelity
 from cn_lightning.metrics.fidelity import disc_from_outline
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.utils.cli import run_cli
 from cn_lightning.utils.export import save_controlnet_folder
 
 SIZE = 32
@@ -167,31 +167,22 @@ def test_shards_split_over_ranks_give_the_same_samples(assets):
     assert all(s["fidelity"] == by_key[s["key"]] for part in parts for s in part)
 
 
-def _cli_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        run_cli(main, argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("cn_lightning: error:")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
-
 
 def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     gen = ["--base", assets["base"], "--controlnet", assets["controlnet"], "--steps", "1"]
     common = _common(assets, tmp_path / "o")
-    line = _cli_error(capsys, [*common, *gen, "--fid-weights", str(tmp_path / "pt_inception.pth")])
+    line = cli_error(capsys, main, [*common, *gen, "--fid-weights", str(tmp_path / "pt_inception.pth")])
     assert "pt_inception.pth" in line and "not found" in line and "torch-fidelity" in line
-    line = _cli_error(capsys, [*common, *gen, "--clip-model", "ViT-B-32", "--clip-weights", str(tmp_path / "clip.bin")])
+    line = cli_error(capsys, main, [*common, *gen, "--clip-model", "ViT-B-32", "--clip-weights", str(tmp_path / "clip.bin")])
     assert "clip.bin" in line and "not found" in line
-    line = _cli_error(capsys, [*common, *gen, "--clip-model", "ViT-B-32"])
+    line = cli_error(capsys, main, [*common, *gen, "--clip-model", "ViT-B-32"])
     assert "needs --clip-weights" in line
-    line = _cli_error(capsys, common)
+    line = cli_error(capsys, main, common)
     assert "--base and --controlnet" in line
     no_shards = ["--val-shards", str(tmp_path / "none-{000000..000001}.tar"), *common[2:]]
-    assert "matches no shards" in _cli_error(capsys, [*no_shards, *gen])
+    assert "matches no shards" in cli_error(capsys, main, [*no_shards, *gen])
     bad_key = [*common[:3], "canny", *common[4:]]
-    assert "no validation samples with a 'canny' condition" in _cli_error(capsys, [*bad_key, *gen])
+    assert "no validation samples with a 'canny' condition" in cli_error(capsys, main, [*bad_key, *gen])
     assert not (tmp_path / "o" / "report.json").exists()
 
 

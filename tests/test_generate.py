@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli_error
 from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image, ImageDraw
@@ -24,7 +25,6 @@ from cn_lightning.generate import (
     prepare_condition,
 )
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.utils.cli import run_cli
 from cn_lightning.utils.export import save_controlnet_folder
 
 
@@ -169,41 +169,32 @@ def test_condition_maps_keep_their_values_when_resized():
     assert {tuple(c) for c in resized.reshape(-1, 3)} == {(120, 120, 80), (4, 200, 3)}
 
 
-def _cli_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        run_cli(main, argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("cn_lightning: error:")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
-
 
 def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     cn, photo, out = assets["controlnets"][0], assets["photo"], str(tmp_path / "o")
     base = ["--base", assets["base"], "--out", out, "--steps", "1"]
-    line = _cli_error(capsys, [*base, "--controlnet", cn, "--image", photo, "--extractor", "sketchify"])
+    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--extractor", "sketchify"])
     assert "unknown condition extractor 'sketchify'" in line and "canny" in line
-    line = _cli_error(capsys, [*base, "--controlnet", cn, "--image", str(tmp_path / "missing.png")])
+    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", str(tmp_path / "missing.png")])
     assert "missing.png" in line and "does not exist" in line
-    line = _cli_error(capsys, [*base, "--controlnet", cn, cn, "--image", photo])
+    line = cli_error(capsys, main, [*base, "--controlnet", cn, cn, "--image", photo])
     assert "one --image per --controlnet" in line
-    line = _cli_error(capsys, [*base, "--controlnet", cn, "--image", photo, "--scale", "1", "1", "1"])
+    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--scale", "1", "1", "1"])
     assert "--scale takes one value or one per ControlNet" in line
-    line = _cli_error(capsys, ["--base", str(tmp_path / "nobase"), "--out", out, "--controlnet", cn, "--image", photo])
+    line = cli_error(capsys, main, ["--base", str(tmp_path / "nobase"), "--out", out, "--controlnet", cn, "--image", photo])
     assert "nobase" in line and "does not exist" in line
-    line = _cli_error(capsys, [*base, "--controlnet", cn, "--image", photo, "--sampler", "euler"])
+    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--sampler", "euler"])
     assert "invalid choice: 'euler'" in line
 
     from cn_lightning.models.tiny import build_tiny_components
 
     wide = ControlNetModel.from_unet(build_tiny_components("small")[0], conditioning_embedding_out_channels=(16, 32))
     save_controlnet_folder(wide, tmp_path / "wide")
-    line = _cli_error(capsys, [*base, "--controlnet", str(tmp_path / "wide"), "--image", photo])
+    line = cli_error(capsys, main, [*base, "--controlnet", str(tmp_path / "wide"), "--image", photo])
     assert "does not fit the base model" in line and "block_out_channels" in line
     sd_hint = ControlNetModel.from_unet(load_backbone(assets["base"]).unet)  # SD's 8x condition encoder
     save_controlnet_folder(sd_hint, tmp_path / "sd_hint")
-    line = _cli_error(capsys, [*base, "--controlnet", str(tmp_path / "sd_hint"), "--image", photo])
+    line = cli_error(capsys, main, [*base, "--controlnet", str(tmp_path / "sd_hint"), "--image", photo])
     assert "downsamples its condition 8x but the base model's VAE downsamples 2x" in line
     assert not (tmp_path / "o").exists()
 

@@ -94,7 +94,7 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_sd_path, tmp_path):
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "cn_lightning.train", *common,
                               "trainer.max_steps=100000"], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=tmp_path, env=env)
+                             cwd=tmp_path, env=env, start_new_session=True)
     try:
         _wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.ckpt").exists(), 300, first,
                   "the first checkpoint")
@@ -103,7 +103,9 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_sd_path, tmp_path):
         _wait_for(lambda: hpc.exists() and (tmp_path / "scontrol.log").exists(), 120, first,
                   "the requeue checkpoint")
     finally:
-        first.kill()  # the time limit: SLURM kills the job
+        # The time limit: SLURM kills the whole job (its cgroup), W&B's service process included;
+        # a kill of the main process alone would leave that service holding the W&B run id.
+        os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         log.close()
     out = (tmp_path / "first.log").read_text()

@@ -33,6 +33,18 @@ PRESETS: dict[str, dict] = {
         "text_heads": 4,
         "attention_head_dim": (2, 4),
     },
+    # The toy backbone that `python -m cn_lightning.pretrain_toy` trains: a VAE that downsamples
+    # 4x (64 px images -> 16x16 latents) so the UNet is cheap on a CPU.
+    "toy": {
+        "unet_channels": (32, 64),
+        "unet_groups": 8,
+        "vae_channels": (16, 32, 32),
+        "vae_groups": 8,
+        "text_hidden": 64,
+        "text_layers": 2,
+        "text_heads": 4,
+        "attention_head_dim": 8,
+    },
     "small": {
         "unet_channels": (32, 64),
         "unet_groups": 8,
@@ -56,12 +68,18 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     chars = [chr(c) for c in range(33, 127)]
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges = ["#version: 0.2"]
-    # A handful of merges so the tokenizer exercises real BPE, not just characters.
-    for word in ("circle", "background", "red", "blue", "green", "the", "with"):
+    # Whole-word merges for the synthetic-circles vocabulary: every prompt word is one token, so
+    # "<colour A> circle with <colour B> background" fits the 16-token context.
+    from data_prep.synthetic_circles import COLOURS
+
+    words = {"circle", "background", "the", "with"}
+    words.update(w for name in COLOURS for w in name.split())
+    for word in sorted(words):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             a, b = pieces[0], pieces[1]
-            merges.append(f"{a} {b}")
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
             merged = a + b
             if merged not in tokens:
                 tokens.append(merged)
