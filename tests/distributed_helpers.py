@@ -63,7 +63,11 @@ class BatchKeyRecorder(L.Callback):
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment of a training subprocess: offline, tests/ importable, small thread pools."""
     env = dict(os.environ)
-    env.pop("WANDB_API_KEY", None)
+    # WANDB_SERVICE is set by any in-process wandb.init (an earlier test): a child inheriting it
+    # would attach to the pytest process's W&B service instead of starting its own, and a killed
+    # child's run id would stay registered there.
+    for key in ("WANDB_API_KEY", "WANDB_SERVICE"):
+        env.pop(key, None)
     for key in [k for k in env if k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))]:
         env.pop(key)
     env.update(

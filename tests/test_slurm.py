@@ -103,8 +103,8 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_sd_path, tmp_path):
         _wait_for(lambda: hpc.exists() and (tmp_path / "scontrol.log").exists(), 120, first,
                   "the requeue checkpoint")
     finally:
-        # The time limit: SLURM kills the whole job (its cgroup), W&B's service process included;
-        # a kill of the main process alone would leave that service holding the W&B run id.
+        # The time limit: SLURM kills the whole job (its cgroup). W&B's service runs in its own
+        # session and exits when it sees its parent gone; the relaunch starts a service of its own.
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         log.close()
