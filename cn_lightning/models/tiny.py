@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
         "attention_head_dim": (2, 4),
     },
     # The toy backbone that `python -m cn_lightning.pretrain_toy` trains: a VAE that downsamples
-    # 4x (64 px images -> 16x16 latents) so the UNet is cheap on a CPU.
+    # 4x (32 px images -> 8x8 latents) so the UNet is cheap on a CPU.
     "toy": {
         "unet_channels": (32, 64),
         "unet_groups": 8,

@@ -1,8 +1,8 @@
 """OmegaConf resolvers used by the configs.
 
-``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE}`` create the quickstart's
-backbone and shards on first use (under a file lock, so every DDP rank can resolve them) and
-return their paths.
+``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE}`` create a random tiny
+backbone and synthetic shards on first use (under a file lock, so every DDP rank can resolve
+them) and return their paths; ``${cn.asset:NAME}`` is a model shipped in ``cn_lightning/assets``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,23 @@ def circle_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int =
         return ensure_shards(out, num_samples=int(num_samples), size=int(size), seed=int(seed))
 
 
+def asset(name: str) -> str:
+    """Path of a model shipped inside the package (``cn_lightning/assets/<name>``)."""
+    path = Path(__file__).resolve().parents[1] / "assets" / name
+    if not path.exists():
+        from cn_lightning.errors import ConfigError
+
+        raise ConfigError(f"packaged asset {name!r} not found at {path}")
+    return str(path)
+
+
 def register_resolvers() -> None:
     """Register the ``cn.*`` resolvers once (idempotent)."""
-    for name, fn in (("cn.tiny_backbone", tiny_backbone), ("cn.circle_shards", circle_shards)):
+    resolvers = (
+        ("cn.tiny_backbone", tiny_backbone),
+        ("cn.circle_shards", circle_shards),
+        ("cn.asset", asset),
+    )
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

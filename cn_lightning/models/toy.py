@@ -1,0 +1,220 @@
+"""Pretrain the toy text-to-image latent diffusion model that the quickstart controls.
+
+ControlNet's premise is a *pretrained* backbone. The toy world is the synthetic-circles task:
+the backbone learns to draw "<colour A> circle with <colour B> background" with the right colours
+at a random place; the ControlNet then learns to put the circle where the outline is.
+
+Two Lightning stages on the same shards the ControlNet trains on:
+
+1. :class:`ToyVAEModule` trains the VAE (reconstruction + a small KL term);
+2. :class:`ToyDiffusionModule` freezes it and trains the UNet and the text encoder with the
+   diffusion loss of :class:`~cn_lightning.models.module.ControlNetModule` (same noise schedule,
+   same epsilon target, same prompt dropping for classifier-free guidance).
+
+The result is written in diffusers layout, so it loads through ``load_backbone`` like SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from cn_lightning.models.tiny import _model_index, build_tiny_components
+
+TOY_PRESET = "toy"
+
+
+class ToyVAEModule(L.LightningModule):
+    """Stage 1: an ``AutoencoderKL`` trained on the target images.
+
+    Args:
+        learning_rate: AdamW learning rate.
+        kl_weight: weight of the KL term (small: the latents only need to be well behaved).
+        seed: seed of the initial weights.
+    """
+
+    def __init__(self, learning_rate: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _, self.vae, _, _ = build_tiny_components(TOY_PRESET, seed=seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image = batch["image"]
+        posterior = self.vae.encode(image).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, image)
+        kl = posterior.kl().mean()
+        loss = mse + self.hparams.kl_weight * kl
+        self.log_dict({"vae/mse": mse, "vae/kl": kl, "train/loss": loss}, prog_bar=True,
+                      batch_size=image.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.learning_rate, weight_decay=0.0)
+
+
+class ToyDiffusionModule(L.LightningModule):
+    """Stage 2: UNet + text encoder trained with the diffusion loss on a frozen VAE.
+
+    Args:
+        vae_dir: the stage-1 VAE (a diffusers ``AutoencoderKL`` folder).
+        tokenizer_dir: the toy tokenizer folder.
+        learning_rate: AdamW learning rate of the UNet and text encoder.
+        ucg_rate: share of empty prompts, so classifier-free guidance works.
+        seed: seed of the initial weights.
+    """
+
+    def __init__(
+        self,
+        vae_dir: str,
+        tokenizer_dir: str,
+        learning_rate: float = 1e-3,
+        ucg_rate: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.unet, _, self.text_encoder, self.noise_scheduler = build_tiny_components(
+            TOY_PRESET, seed=seed, vocab_size=len(self.tokenizer)
+        )
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+        vae.requires_grad_(False).eval()
+        self._frozen = {"vae": vae}
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._frozen["vae"]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.vae.to(device=fn(torch.empty(0)).device)
+        return self
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(batch["image"]).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+        keep = torch.rand(len(batch["prompt"])) >= self.hparams.ucg_rate
+        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist(), strict=True)]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=self.encode_prompt(prompts)).sample
+        loss = F.mse_loss(pred, noise)
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=1e-2)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], size: int = 64, steps: int = 20,
+                 guidance_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+        """Images (B, 3, size, size) in [0, 1] for ``prompts`` (DDIM, classifier-free guidance)."""
+        return text_to_image(self.unet, self.vae, self.encode_prompt, self.noise_scheduler,
+                             prompts, size, steps, guidance_scale, seed)
+
+
+@torch.no_grad()
+def text_to_image(unet, vae, encode_prompt, noise_scheduler, prompts: list[str], size: int = 64,
+                  steps: int = 20, guidance_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+    """Sample a backbone without control: (B, 3, size, size) in [0, 1]."""
+    device = next(unet.parameters()).device
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(prompts), unet.config.in_channels, size // factor, size // factor,
+                          generator=g).to(device)
+    text = torch.cat([encode_prompt([""] * len(prompts)), encode_prompt(list(prompts))])
+    for t in scheduler.timesteps:
+        pred = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample
+        uncond, cond = pred.chunk(2)
+        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((image + 1) / 2).clamp(0, 1)
+
+
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """1 / std of the VAE latents of ``images``, as SD chose its 0.18215."""
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample()
+    return float(1.0 / latents.std())
+
+
+def save_toy_backbone(out: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                      text_encoder: CLIPTextModel, tokenizer_dir: str | os.PathLike,
+                      scheduler: DDPMScheduler, provenance: dict) -> Path:
+    """Write the trained parts in diffusers layout (atomically) with how they were made."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------- colour statistics
+def colour_statistics(images: torch.Tensor, core: float = 0.7,
+                      min_distance: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Background and foreground colour of each image, RGB in [0, 255].
+
+    The background is the median of the border pixels; the foreground the median of the circle's
+    core: the pixels whose distance from the background is at least ``core`` x the largest (the
+    VAE blurs the rim into the background). No pixel ``min_distance`` away, or fewer than 4 in the
+    core: no foreground (NaN). Images: (B, 3, H, W) in [0, 1].
+    """
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.float32)
+    backgrounds, foregrounds = [], []
+    for img in arr:
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        bg = np.median(border, axis=0)
+        dist = np.linalg.norm(img - bg, axis=-1)
+        fg_pixels = img[dist >= max(min_distance, core * dist.max())]
+        fg = np.median(fg_pixels, axis=0) if len(fg_pixels) >= 4 else np.full(3, np.nan)
+        backgrounds.append(bg)
+        foregrounds.append(fg)
+    return np.stack(backgrounds), np.stack(foregrounds)
+
+
+def nearest_colour_names(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> list[str | None]:
+    """Name of the nearest palette colour for each RGB row (None for NaN rows)."""
+    names = list(palette)
+    colours = np.array([palette[n] for n in names], dtype=np.float32)
+    out: list[str | None] = []
+    for row in rgb:
+        if np.isnan(row).any():
+            out.append(None)
+        else:
+            out.append(names[int(np.argmin(np.linalg.norm(colours - row, axis=1)))])
+    return out
