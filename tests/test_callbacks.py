@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from cn_lightning.callbacks.convergence import SuddenConvergenceDetector
-from cn_lightning.callbacks.samples import SampleGridLogger, sampling_schedule
+from cn_lightning.callbacks.samples import SampleGridLogger, make_grid, sampling_schedule
 from cn_lightning.callbacks.throughput import StepProgressBar, ThroughputLogger, make_progress_bar
 from cn_lightning.data import ShardDataModule
 from cn_lightning.models.module import ControlNetModule
@@ -46,6 +46,15 @@ def test_schedule_is_log_spaced_then_every_n():
     assert steps == [1, 2, 4, 8, 16, 25, 50, 75, 100]
     assert [s for s in range(1, 101) if sampling_schedule(s, 25, log_spaced=False)] == [25, 50, 75, 100]
     assert not any(sampling_schedule(s, 0) for s in range(1, 100))
+
+
+def test_small_tiles_are_enlarged_pixel_for_pixel():
+    tiles = [[torch.rand(3, 32, 32), torch.rand(3, 32, 32)]]
+    plain = make_grid(tiles)
+    big = make_grid(tiles, min_tile_px=100)  # 100 / 32 -> factor 4
+    assert plain.shape == (32, 64, 3) and big.shape == (128, 256, 3)
+    assert (big[::4, ::4] == plain).all() and (big[3::4, 3::4] == plain).all()
+    assert make_grid([[torch.rand(3, 256, 256)]], min_tile_px=128).shape == (256, 256, 3)
 
 
 def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards, tmp_path):

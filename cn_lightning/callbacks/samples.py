@@ -37,18 +37,27 @@ log = logging.getLogger(__name__)
 COLUMNS = ("condition", "samples", "samples_no_prompt", "target")
 
 
-def make_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
-    """Tile images into one uint8 (H, W, 3) array; ``rows[i][j]`` is (3, h, w) in [0, 1]."""
+def make_grid(rows: list[list[torch.Tensor]], min_tile_px: int = 0) -> np.ndarray:
+    """Tile images into one uint8 (H, W, 3) array; ``rows[i][j]`` is (3, h, w) in [0, 1].
+
+    Tiles smaller than ``min_tile_px`` are enlarged by the smallest integer factor that reaches it
+    (nearest neighbour, so pixels stay pixels): a 32 px toy sample is unreadable in a dashboard.
+    """
     row_arrays = [torch.cat(list(r), dim=2) for r in rows]
     grid = torch.cat(row_arrays, dim=1).clamp(0, 1)
-    return (grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    grid = (grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    tile = min(rows[0][0].shape[-2:])
+    if min_tile_px and tile < min_tile_px:
+        factor = math.ceil(min_tile_px / tile)
+        grid = np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+    return grid
 
 
-def images_to_grid(images: dict[str, Any], columns: tuple[str, ...] = COLUMNS) -> np.ndarray:
+def images_to_grid(images: dict[str, Any], columns: tuple[str, ...] = COLUMNS, min_tile_px: int = 0) -> np.ndarray:
     """One row per sample with the given columns of :meth:`ControlNetModule.log_images`."""
     present = [c for c in columns if c in images]
     n = images[present[0]].shape[0]
-    return make_grid([[images[c][i] for c in present] for i in range(n)])
+    return make_grid([[images[c][i] for c in present] for i in range(n)], min_tile_px=min_tile_px)
 
 
 def sampling_schedule(step: int, every_n_steps: int, log_spaced: bool = True) -> bool:
@@ -82,6 +91,7 @@ class SampleGridLogger(L.Callback):
         fidelity: compute condition fidelity (``val/fidelity``) of every sample.
         condition_key: the condition type for the fidelity metric (default: the data module's).
         extractor_options: options of a model-based condition extractor (e.g. local weights).
+        min_tile_px: enlarge grid tiles smaller than this (nearest neighbour; 0: never).
     """
 
     COLUMNS = COLUMNS
@@ -102,6 +112,7 @@ class SampleGridLogger(L.Callback):
         fidelity: bool = True,
         condition_key: str | None = None,
         extractor_options: dict[str, Any] | None = None,
+        min_tile_px: int = 0,
     ) -> None:
         if source not in ("auto", "val", "train"):
             raise ValueError(f"source must be auto, val or train; got {source!r}")
@@ -119,6 +130,7 @@ class SampleGridLogger(L.Callback):
         self.fidelity = fidelity
         self.condition_key = condition_key
         self.extractor_options = dict(extractor_options or {})
+        self.min_tile_px = int(min_tile_px or 0)
         self.fixed_batch: dict[str, Any] | None = None
         # One entry per sampling round: {"step", "fidelity", <metric>, "fidelity_no_prompt", ...}
         self.history: list[dict[str, Any]] = []
@@ -262,7 +274,7 @@ class SampleGridLogger(L.Callback):
 
     # --------------------------------------------------------------------------- logging
     def _publish(self, trainer: L.Trainer, step: int, images: dict, entry: dict) -> Path:
-        grid = images_to_grid(images, COLUMNS)
+        grid = images_to_grid(images, COLUMNS, min_tile_px=self.min_tile_px)
         path = self._png_path(trainer, step)
         Image.fromarray(grid).save(path)
         fid = f" | fidelity {entry['fidelity']:.3f}" if "fidelity" in entry else ""
