@@ -1,0 +1,85 @@
+"""The toy world: a pretrained toy backbone, and a ControlNet that learns to place its circle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cn_lightning.models.backbone import load_backbone
+from cn_lightning.models.toy import colour_statistics, nearest_colour_names, text_to_image
+from cn_lightning.utils.resolvers import asset
+
+# Well-separated palette colours, so a wrong colour cannot pass as a near neighbour.
+PAIRS = [("red", "blue"), ("yellow", "navy"), ("lime", "maroon"), ("white", "black"),
+         ("cyan", "purple"), ("blue", "yellow"), ("black", "white"), ("magenta", "green")]
+
+
+def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
+    from data_prep.synthetic_circles import COLOURS
+
+    backbone = load_backbone(asset("toy_sd"))
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = backbone.tokenizer(prompts, padding="max_length", truncation=True,
+                                 max_length=backbone.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return backbone.text_encoder(ids)[0]
+
+    # Four noise seeds per prompt: circles land at random places, some mostly off the image.
+    pairs = PAIRS * 4
+    prompts = [f"{a} circle with {b} background" for a, b in pairs]
+    images = text_to_image(backbone.unet, backbone.vae, encode, backbone.noise_scheduler, prompts,
+                           size=32, steps=20, guidance_scale=3.0, seed=0)
+    bg, fg = colour_statistics(images)
+    palette = {name: COLOURS[name] for pair in PAIRS for name in pair}
+    bg_ok = [n == b for n, (_, b) in zip(nearest_colour_names(bg, palette), pairs, strict=True)]
+    fg_ok = [n == a for n, (a, _) in zip(nearest_colour_names(fg, palette), pairs, strict=True)]
+    assert np.mean(bg_ok) >= 0.85, (bg, bg_ok)
+    assert np.mean(fg_ok) >= 0.7, (fg, fg_ok)
+
+
+def test_pretrain_toy_command_writes_a_loadable_backbone(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CN_LIGHTNING_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "cn_lightning.pretrain_toy", f"hydra.run.dir={tmp_path / 'run'}",
+         "vae.steps=2", "unet.steps=2", "data.train_shards=${cn.circle_shards:" + str(tmp_path / "c") + ",64,32}",
+         "data.batch_size=4", "check.num_prompts=2", "check.steps=2"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run" / "toy_sd"
+    backbone = load_backbone(out)
+    assert backbone.vae_scale_factor == 4
+    assert (out / "PROVENANCE.json").is_file() and "toy backbone written" in result.stdout
+
+
+def test_committed_backbone_says_how_it_was_made():
+    provenance = json.loads((Path(asset("toy_sd")) / "PROVENANCE.json").read_text())
+    assert provenance["command"].startswith("python -m cn_lightning.pretrain_toy")
+    assert provenance["seed"] == 0 and provenance["config"]["seed"] == 0
+    assert set(provenance["train_seconds"]) == {"vae", "unet"}
+
+
+def test_the_quickstart_config_uses_the_committed_backbone():
+    from hydra import compose, initialize_config_dir
+
+    from cn_lightning.utils.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train")
+    assert cfg.model.pretrained_model_path == asset("toy_sd")
+    assert cfg.data.resolution == 32
+
+
+def test_a_missing_asset_is_a_clear_config_error():
+    from cn_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="packaged asset 'nope' not found"):
+        asset("nope")
