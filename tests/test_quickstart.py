@@ -73,7 +73,7 @@ def test_quickstart_full_learns_to_place_the_circle(tmp_path):
     check_run_directory(run_dir, result)
     report = json.loads((run_dir / "convergence.json").read_text())
     assert report["sudden_convergence_step"] is not None, report["series"]
-    assert "sudden convergence at step" in result.stdout
+    assert "sudden convergence at step" in result.stdout + result.stderr
 
     locked = evaluate_fidelity(run_dir, tmp_path / "eval_locked", control_scale=0.0)
     trained = evaluate_fidelity(run_dir, tmp_path / "eval_controlnet", control_scale=1.0)
