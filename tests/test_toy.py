@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cn_lightning.models.backbone import load_backbone
+from cn_lightning.models.diffusion import encode_prompt
 from cn_lightning.models.toy import colour_statistics, nearest_colour_names, text_to_image
 from cn_lightning.utils.resolvers import asset
 
@@ -27,9 +28,7 @@ def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
     backbone = load_backbone(asset("toy_sd"))
 
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = backbone.tokenizer(prompts, padding="max_length", truncation=True,
-                                 max_length=backbone.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return backbone.text_encoder(ids)[0]
+        return encode_prompt(backbone.tokenizer, backbone.text_encoder, prompts, torch.device("cpu"))
 
     # Four noise seeds per prompt: circles land at random places, some mostly off the image.
     pairs = PAIRS * 4

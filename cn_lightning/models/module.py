@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from cn_lightning.errors import ConfigError
 from cn_lightning.models.backbone import load_backbone
 from cn_lightning.models.controlnet import build_controlnet, expand_control_scales, scale_residuals
+from cn_lightning.models.diffusion import diffusion_target, drop_prompts, encode_prompt
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 # With sd_locked=False the original also trains the decoder ("output_blocks") and the output
@@ -185,14 +186,7 @@ class ControlNetModule(L.LightningModule):
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts to text-encoder hidden states, (B, tokens, hidden)."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -209,8 +203,7 @@ class ControlNetModule(L.LightningModule):
 
     def drop_prompts(self, prompts: Sequence[str], generator: torch.Generator | None = None):
         """Replace each prompt by "" with probability ``ucg_rate`` (the paper's trick)."""
-        keep = torch.rand(len(prompts), generator=generator) >= self.hparams.ucg_rate
-        return [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+        return drop_prompts(prompts, self.hparams.ucg_rate, generator)
 
     # ------------------------------------------------------------------------------- forward
     def forward(
@@ -254,14 +247,7 @@ class ControlNetModule(L.LightningModule):
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """What the UNet must predict, per the scheduler's ``prediction_type``."""
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        if kind == "sample":
-            return latents
-        raise ConfigError(f"unsupported scheduler prediction_type {kind!r}")
+        return diffusion_target(self.noise_scheduler, latents, noise, timesteps)
 
     def compute_loss(
         self, batch: dict[str, Any], generator: torch.Generator | None = None

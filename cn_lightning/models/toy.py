@@ -8,8 +8,8 @@ Two Lightning stages on the same shards the ControlNet trains on:
 
 1. :class:`ToyVAEModule` trains the VAE (reconstruction + a small KL term);
 2. :class:`ToyDiffusionModule` freezes it and trains the UNet and the text encoder with the
-   diffusion loss of :class:`~cn_lightning.models.module.ControlNetModule` (same noise schedule,
-   same epsilon target, same prompt dropping for classifier-free guidance).
+   diffusion loss of :class:`~cn_lightning.models.module.ControlNetModule` (the same functions of
+   :mod:`cn_lightning.models.diffusion`: prompt encoding, prompt dropping, the scheduler's target).
 
 The result is written in diffusers layout, so it loads through ``load_backbone`` like SD1.5.
 """
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from cn_lightning.models.diffusion import diffusion_target, drop_prompts, encode_prompt
 from cn_lightning.models.tiny import _model_index, build_tiny_components
 
 TOY_PRESET = "toy"
@@ -103,22 +104,20 @@ class ToyDiffusionModule(L.LightningModule):
         return self
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        """Prompts to text-encoder hidden states, (B, tokens, hidden)."""
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             latents = self.vae.encode(batch["image"]).latent_dist.sample()
             latents = latents * self.vae.config.scaling_factor
-        keep = torch.rand(len(batch["prompt"])) >= self.hparams.ucg_rate
-        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist(), strict=True)]
+        prompts = drop_prompts(batch["prompt"], self.hparams.ucg_rate)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=self.encode_prompt(prompts)).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, t))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
