@@ -50,12 +50,12 @@ def fit_stage(cfg: DictConfig, module: L.LightningModule, datamodule, name: str,
 
 def held_out_prompts(n: int, seed: int) -> tuple[list[str], list[tuple[str, str]]]:
     """``n`` random (colour A, colour B) prompts from the synthetic-circles palette."""
-    from data_prep.synthetic_circles import COLOURS
+    from data_prep.synthetic_circles import COLOURS, circle_prompt
 
     names = sorted(COLOURS)
     rng = np.random.default_rng(seed)
     pairs = [tuple(rng.choice(names, size=2, replace=False)) for _ in range(n)]
-    return [f"{a} circle with {b} background" for a, b in pairs], pairs
+    return [circle_prompt(a, b) for a, b in pairs], pairs
 
 
 def colour_check(module: ToyDiffusionModule, cfg: DictConfig, out_png: Path) -> dict:

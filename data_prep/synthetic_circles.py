@@ -62,7 +62,12 @@ def circle_sample(index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndar
     target = np.empty((size, size, 3), np.uint8)
     target[:] = COLOURS[_NAMES[bg]]
     cv2.circle(target, centre, radius, COLOURS[_NAMES[fg]], -1, lineType=cv2.LINE_AA)
-    return outline, target, f"{_NAMES[fg]} circle with {_NAMES[bg]} background"
+    return outline, target, circle_prompt(_NAMES[fg], _NAMES[bg])
+
+
+def circle_prompt(circle: str, background: str) -> str:
+    """The prompt of a sample: ``"<circle colour> circle with <background colour> background"``."""
+    return f"{circle} circle with {background} background"
 
 
 @dataclass

@@ -23,7 +23,7 @@ PAIRS = [("red", "blue"), ("yellow", "navy"), ("lime", "maroon"), ("white", "bla
 
 
 def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
-    from data_prep.synthetic_circles import COLOURS
+    from data_prep.synthetic_circles import COLOURS, circle_prompt
 
     backbone = load_backbone(asset("toy_sd"))
 
@@ -32,7 +32,7 @@ def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
 
     # Four noise seeds per prompt: circles land at random places, some mostly off the image.
     pairs = PAIRS * 4
-    prompts = [f"{a} circle with {b} background" for a, b in pairs]
+    prompts = [circle_prompt(a, b) for a, b in pairs]
     images = text_to_image(backbone.unet, backbone.vae, encode, backbone.noise_scheduler, prompts,
                            size=32, steps=20, guidance_scale=3.0, seed=0)
     bg, fg = colour_statistics(images)

@@ -1,8 +1,9 @@
 """The pieces of the latent-diffusion training step shared by every module that trains one.
 
 ``ControlNetModule`` (the control branch on a locked backbone) and the toy backbone's
-``ToyDiffusionModule`` (UNet + text encoder from scratch) both encode prompts, drop them for
-classifier-free guidance and regress the scheduler's target with these functions.
+``ToyDiffusionModule`` (UNet + text encoder from scratch) both keep frozen parts outside their
+module tree, encode prompts, drop them for classifier-free guidance and regress the scheduler's
+target with these.
 """
 
 from __future__ import annotations
@@ -12,6 +13,24 @@ from collections.abc import Sequence
 import torch
 
 from cn_lightning.errors import ConfigError
+
+
+class FrozenPartsMixin:
+    """Frozen parts (VAE, text encoder) held in ``self._frozen``, outside the registered modules.
+
+    No strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or checkpoints them; device moves of
+    the module (``.to(device)``, ``.cuda()``) carry them along, dtype changes do not (their
+    precision is chosen when they are loaded). Mix in before ``LightningModule``.
+    """
+
+    _frozen: dict[str, torch.nn.Module]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.empty(0))
+        for module in self._frozen.values():
+            module.to(device=probe.device)
+        return self
 
 
 def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str],

@@ -23,7 +23,12 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from cn_lightning.errors import ConfigError
 from cn_lightning.models.backbone import load_backbone
 from cn_lightning.models.controlnet import build_controlnet, expand_control_scales, scale_residuals
-from cn_lightning.models.diffusion import diffusion_target, drop_prompts, encode_prompt
+from cn_lightning.models.diffusion import (
+    FrozenPartsMixin,
+    diffusion_target,
+    drop_prompts,
+    encode_prompt,
+)
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 # With sd_locked=False the original also trains the decoder ("output_blocks") and the output
@@ -35,7 +40,7 @@ def default_optimizer(params: Iterable, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
 
-class ControlNetModule(L.LightningModule):
+class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     """Train a ControlNet on a frozen Stable Diffusion backbone.
 
     Args:
@@ -102,7 +107,7 @@ class ControlNetModule(L.LightningModule):
         self.noise_scheduler = backbone.noise_scheduler
         # The VAE and text encoder run before the differentiable graph. Keeping them out of the
         # registered modules means no strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or
-        # checkpoints them; _apply moves them with the module (device only).
+        # checkpoints them; FrozenPartsMixin moves them with the module (device only).
         self._frozen = {"vae": backbone.vae, "text_encoder": backbone.text_encoder}
         self.unet = backbone.unet
         self.controlnet = build_controlnet(
@@ -139,15 +144,6 @@ class ControlNetModule(L.LightningModule):
     def trainable_parameter_names(self) -> list[str]:
         """Names (as in ``named_parameters``) of every parameter the optimizer updates."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
-
-    def _apply(self, fn, *args, **kwargs):
-        # Follow device moves (``.to(device)``, ``.cuda()``) with the unregistered frozen
-        # modules, but never their dtype: their precision is set by ``frozen_dtype``.
-        super()._apply(fn, *args, **kwargs)
-        probe = fn(torch.empty(0))
-        for module in self._frozen.values():
-            module.to(device=probe.device)
-        return self
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only trainable tensors: the ControlNet (and the decoder when unlocked).

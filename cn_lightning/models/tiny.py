@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from cn_lightning.utils.atomic import atomic_directory
 
 # Sizes per preset. "test" mirrors diffusers' own unit-test models; "small" is still tiny
 # (about 2 M parameters) but wide enough for the quickstart to learn something.
@@ -164,25 +164,23 @@ def write_tiny_backbone(out: str | os.PathLike, preset: str = "test", seed: int 
     run never leaves a half-written model that later runs would try to load.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tokenizer = write_tokenizer(tmp / "tokenizer")
         unet, vae, text_encoder, scheduler = build_tiny_components(
             preset, seed, vocab_size=len(tokenizer)
         )
-        unet.save_pretrained(tmp / "unet")
-        vae.save_pretrained(tmp / "vae")
-        text_encoder.save_pretrained(tmp / "text_encoder")
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_model_parts(tmp, unet, vae, text_encoder, scheduler)
     return out
+
+
+def save_model_parts(out: Path, unet, vae, text_encoder, scheduler) -> None:
+    """Write the UNet, VAE, text encoder, scheduler and ``model_index.json`` in diffusers layout
+    (the tokenizer is written separately)."""
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    scheduler.save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
 
 
 def ensure_tiny_backbone(out: str | os.PathLike, preset: str = "small", seed: int = 0) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cn_lightning.models.diffusion import diffusion_target, drop_prompts, encode_prompt
-from cn_lightning.models.tiny import _model_index, build_tiny_components
+from cn_lightning.models.diffusion import (
+    FrozenPartsMixin,
+    diffusion_target,
+    drop_prompts,
+    encode_prompt,
+)
+from cn_lightning.models.tiny import build_tiny_components, save_model_parts
+from cn_lightning.utils.atomic import atomic_directory
 
 TOY_PRESET = "toy"
 
@@ -65,7 +70,7 @@ class ToyVAEModule(L.LightningModule):
         return torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.learning_rate, weight_decay=0.0)
 
 
-class ToyDiffusionModule(L.LightningModule):
+class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
     """Stage 2: UNet + text encoder trained with the diffusion loss on a frozen VAE.
 
     Args:
@@ -97,11 +102,6 @@ class ToyDiffusionModule(L.LightningModule):
     @property
     def vae(self) -> AutoencoderKL:
         return self._frozen["vae"]
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.vae.to(device=fn(torch.empty(0)).device)
-        return self
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Prompts to text-encoder hidden states, (B, tokens, hidden)."""
@@ -165,21 +165,10 @@ def save_toy_backbone(out: str | os.PathLike, unet: UNet2DConditionModel, vae: A
                       scheduler: DDPMScheduler, provenance: dict) -> Path:
     """Write the trained parts in diffusers layout (atomically) with how they were made."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        unet.save_pretrained(tmp / "unet")
-        vae.save_pretrained(tmp / "vae")
-        text_encoder.save_pretrained(tmp / "text_encoder")
+    with atomic_directory(out) as tmp:
+        save_model_parts(tmp, unet, vae, text_encoder, scheduler)
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
         (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from diffusers import ControlNetModel
 from torch import Tensor
 
 from cn_lightning.errors import CheckpointFormatError
+from cn_lightning.utils.atomic import atomic_directory
 
 
 def save_controlnet_folder(controlnet: ControlNetModel, out: str | os.PathLike) -> Path:
@@ -22,20 +21,8 @@ def save_controlnet_folder(controlnet: ControlNetModel, out: str | os.PathLike) 
     export or the complete new one, never a mix.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         controlnet.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
