@@ -25,3 +25,18 @@ class CheckpointFormatError(CnLightningError, ValueError):
 
 class ConfigError(CnLightningError, ValueError):
     """A configuration value is missing or invalid."""
+
+
+class DataError(CnLightningError, ValueError):
+    """Training or validation data is missing, unreadable or does not match the data settings
+    (shard paths, condition key, cached latents, epoch length, shard count)."""
+
+
+class NumericsError(CnLightningError, RuntimeError):
+    """Training produced non-finite values (loss, gradients or weights) and cannot go on."""
+
+
+class UnsafeCheckpointError(CheckpointFormatError):
+    """A pickled file references a type or function outside the allow-list of safe checkpoint
+    contents: unpickling it could run code, so it is refused (see
+    :func:`cn_lightning.utils.checkpoints.safe_torch_load`)."""

@@ -201,35 +201,56 @@ def test_same_seed_same_stream_other_seed_other_stream(circles):
     assert stream(8)[0] != keys_a
 
 
-def test_resume_step_changes_the_continuation(circles):
-    dm = dm_for(circles)
-    first = keys_of(dm.train_dataloader(), 6)
-    dm.set_resume_step(0)
-    assert keys_of(dm.train_dataloader(), 6) == first
-    dm.set_resume_step(500)
-    assert keys_of(dm.train_dataloader(), 6) != first
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(num_workers=0),  # resampled, epochs from the manifest
+        dict(num_workers=2),  # round-robin over two workers
+        dict(num_workers=2, resampled=False, samples_per_epoch=40),  # finite epochs
+        dict(num_workers=1, samples_per_epoch=None, crop="random", random_flip=True),
+    ],
+)
+def test_resumed_stream_continues_exactly_where_it_stopped(tmp_path, circles, mode):
+    """Skipping the batches already trained on gives the uninterrupted stream's next batches,
+    pixel for pixel (augmentation included), in every mode."""
+    if mode.get("samples_per_epoch", 0) is None:  # endless: no manifest to read the length
+        folder = tmp_path / "no_manifest"
+        shutil.copytree(os.path.dirname(circles), folder)
+        (folder / "manifest.json").unlink()
+        shards = str(folder / "circles-{000000..000005}.tar")
+        mode = {k: v for k, v in mode.items() if k != "samples_per_epoch"}
+    else:
+        shards = circles
+    dm = dm_for(shards, **mode)
+    full = list(zip(range(10), dm.train_dataloader(), strict=False))
+    for done in (0, 3, 7):
+        dm.set_resume_position(0, done)
+        resumed = list(zip(range(10 - done), dm.train_dataloader(), strict=False))
+        assert len(resumed) == len(full[done:])
+        for (_, a), (_, b) in zip(full[done:], resumed, strict=True):
+            assert a["key"] == b["key"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["condition"], b["condition"])
 
 
-def test_resumed_trainer_feeds_its_global_step_to_the_stream(tmp_path, circles):
-    class Recording(ShardDataModule):
-        def train_dataloader(self):
-            self.steps_seen = getattr(self, "steps_seen", []) + [self.resume_step()]
-            return super().train_dataloader()
+def test_resumed_trainer_sees_exactly_the_uninterrupted_batches(tmp_path, circles):
+    """A Trainer resumed from a mid-epoch checkpoint and one resumed at the epoch's last batch
+    train on exactly the batches of an uninterrupted run, without repeats or gaps."""
 
     def make_dm():
-        return Recording(train_shards=circles, condition_key="outline", resolution=32,
-                         batch_size=4, num_workers=0, shuffle_buffer=8)
+        return dm_for(circles, num_workers=2, shuffle_buffer=8)  # 12 batches per epoch
 
-    first_dm, first = make_dm(), TinyModule()
-    t = trainer(tmp_path, max_steps=3)
-    t.fit(first, datamodule=first_dm)
-    ckpt = os.path.join(str(tmp_path), "step3.ckpt")
-    t.save_checkpoint(ckpt)
-    resumed_dm, resumed = make_dm(), TinyModule()
-    trainer(tmp_path, max_steps=6).fit(resumed, datamodule=resumed_dm, ckpt_path=ckpt)
-    # Lightning restores global_step before it builds the loaders: the stream sees step 3.
-    assert first_dm.steps_seen == [0] and resumed_dm.steps_seen == [3]
-    assert len(resumed.seen_keys) == 12 and resumed.seen_keys != first.seen_keys
+    full = TinyModule()
+    trainer(tmp_path, max_steps=20).fit(full, datamodule=make_dm())
+    for stop in (5, 12):  # mid-epoch, and on the epoch's last batch
+        # As a killed run leaves it: a periodic checkpoint, saved after the step's batch.
+        every = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / f"ck{stop}", every_n_train_steps=stop, save_top_k=-1
+        )
+        first, resumed = TinyModule(), TinyModule()
+        trainer(tmp_path, max_steps=stop, callbacks=[every]).fit(first, datamodule=make_dm())
+        ckpt = str(next((tmp_path / f"ck{stop}").glob("*.ckpt")))
+        trainer(tmp_path, max_steps=20).fit(resumed, datamodule=make_dm(), ckpt_path=ckpt)
+        assert first.seen_keys + resumed.seen_keys == full.seen_keys, stop
 
 
 def test_validation_is_split_by_sample_across_ranks(circles):

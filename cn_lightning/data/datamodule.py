@@ -18,10 +18,30 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from cn_lightning.data.format import expand_shard_urls, manifest_num_samples
-from cn_lightning.data.stream import ShardStream, StreamConfig, check_enough_shards
+from cn_lightning.data.format import check_shards, expand_shard_urls, manifest_num_samples
+from cn_lightning.data.stream import (
+    ShardStream,
+    StreamConfig,
+    TooFewShardsError,
+    check_enough_shards,
+)
+from cn_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+class ShardCountError(DataError, TooFewShardsError):
+    """Finite epoch mode has fewer shards than (rank, worker) readers (a :class:`DataError`, and
+    the stream's :class:`TooFewShardsError`)."""
+
+
+def _check_shard_count(num_shards: int, world_size: int, num_workers: int) -> None:
+    try:
+        check_enough_shards(num_shards, world_size, num_workers)
+    except TooFewShardsError as err:
+        if isinstance(err, DataError):
+            raise
+        raise ShardCountError(str(err)) from None
 
 
 class EpochDataLoader(DataLoader):
@@ -35,11 +55,18 @@ class EpochDataLoader(DataLoader):
     def __iter__(self):
         self.dataset.epoch = self._next_epoch
         self._next_epoch += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        self.dataset.cfg.skip_batches = 0  # only the resumed epoch starts part-way
+        return batches
 
 
 class ShardDataModule(L.LightningDataModule):
     """Condition/image pairs streamed from WebDataset shards (see docs/data.md).
+
+    ``setup()`` checks the shards before the first step (missing paths, empty folders or
+    patterns, an unreadable first shard, a condition key or cached latents the first shard lacks,
+    the epoch length and shard count of finite mode) and raises
+    :class:`~cn_lightning.errors.DataError` with a one-line message.
 
     Args:
         train_shards / val_shards: brace pattern, ``::``-joined patterns, list, local directory
@@ -52,7 +79,7 @@ class ShardDataModule(L.LightningDataModule):
             sample count if the shards have one, else endless (resampled) / refused (finite).
         crop / random_flip: training augmentation, the same for image and condition.
         use_cached_latents: read ``<key>.latent.npy`` into ``batch["latent"]``.
-        seed: with rank, worker and the resume step, seeds every random choice.
+        seed: with rank, worker, epoch and position, seeds every random choice.
     """
 
     def __init__(
@@ -74,13 +101,18 @@ class ShardDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+            raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
         if use_cached_latents and (crop != "center" or random_flip):
-            raise ValueError("use_cached_latents needs crop='center' and random_flip=False: the "
-                             "latents were encoded from the centre crop and cannot follow a "
-                             "random crop or flip")
+            raise DataError(
+                "use_cached_latents needs crop='center' and random_flip=False: the "
+                "latents were encoded from the centre crop and cannot follow a "
+                "random crop or flip"
+            )
         if batch_size < 1 or resolution < 8:
-            raise ValueError("batch_size must be >= 1 and resolution >= 8")
+            raise DataError(
+                f"batch_size must be >= 1 and resolution >= 8, got batch_size="
+                f"{batch_size}, resolution={resolution}"
+            )
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.condition_key = condition_key
@@ -95,22 +127,27 @@ class ShardDataModule(L.LightningDataModule):
         self.crop = crop
         self.use_cached_latents = use_cached_latents
         self.seed = seed
-        self._resume_step: int | None = None
+        self._resume_position: tuple[int, int] | None = None
         self._skipped = {"train": 0, "val": 0}
+        self._checked: set[str] = set()
 
     # -- resume / distribution ------------------------------------------------------------
-    def set_resume_step(self, step: int) -> None:
-        """Seed the training stream with the step the run resumes from (overrides the
-        trainer's ``global_step``, which is used otherwise)."""
-        self._resume_step = int(step)
+    def set_resume_position(self, epoch: int, batches_done: int) -> None:
+        """Start the training stream in ``epoch`` after ``batches_done`` of its batches on this
+        rank (overrides the position read from the trainer)."""
+        self._resume_position = (int(epoch), int(batches_done))
 
-    def resume_step(self) -> int:
-        """Explicit ``set_resume_step`` value, else ``trainer.global_step`` (Lightning restores
-        it from the checkpoint before it builds the dataloaders), else 0."""
-        if self._resume_step is not None:
-            return self._resume_step
+    def resume_position(self) -> tuple[int, int]:
+        """(epoch, batches of it this rank already trained on): the explicit
+        :meth:`set_resume_position`, else the trainer's restored loop state (Lightning loads
+        it from the checkpoint before it builds the dataloaders), else (0, 0)."""
+        if self._resume_position is not None:
+            return self._resume_position
         trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else 0
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return int(trainer.current_epoch), int(done)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -120,9 +157,68 @@ class ShardDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    def _start_epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
+    # -- checks before the first step -----------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Check the shards the stage reads before any batch (Lightning calls this on every rank
+        before it sets up the model) and raise :class:`DataError` with a one-line message.
+
+        With several ranks, each checks what it sees and the results are shared, so all ranks
+        stop together: rank 0 raises the error (naming the rank that found it if not itself),
+        the other ranks exit with status 2 without printing it again.
+        """
+        error: Exception | None = None
+        try:
+            if stage in (None, "fit"):
+                self.check_data("train")
+            if stage in (None, "fit", "validate"):
+                self.check_data("val")
+        except Exception as err:
+            error = err
+        self._raise_shared(error)
+
+    def _raise_shared(self, error: Exception | None) -> None:
+        dist = torch.distributed
+        if not (
+            getattr(self, "trainer", None) is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            if error is not None:
+                raise error
+            return
+        mine = None if error is None else (isinstance(error, DataError), str(error))
+        results: list = [None] * dist.get_world_size()
+        dist.all_gather_object(results, mine)
+        failed = [(r, res) for r, res in enumerate(results) if res is not None]
+        if not failed:
+            return
+        if dist.get_rank() != 0:
+            if error is not None and not isinstance(error, DataError):
+                raise error  # a bug, not bad data: keep its traceback on this rank
+            raise SystemExit(2)  # rank 0 reports it
+        if error is not None:
+            raise error
+        rank, (is_data_error, message) = failed[0]
+        raise (DataError if is_data_error else RuntimeError)(f"rank {rank}: {message}")
+
+    def check_data(self, split: str = "train") -> None:
+        """Check ``train_shards`` or ``val_shards`` once (see :func:`check_shards`); for the
+        finite training mode also the epoch length and the shard count for this world size."""
+        spec = self.train_shards if split == "train" else self.val_shards
+        if split in self._checked or (split == "val" and spec is None):
+            return
+        urls = check_shards(
+            spec,
+            f"{split}_shards",
+            condition_key=self.condition_key,
+            need_latent=self.use_cached_latents,
+        )
+        if split == "train" and not self.resampled:
+            _, world_size = self._rank_world()
+            _check_shard_count(len(urls), world_size, self.num_workers)
+            self._batches_per_epoch(spec, world_size)
+        self._checked.add(split)
 
     # -- datasets -------------------------------------------------------------------------
     def _batches_per_epoch(self, urls_spec, world_size: int) -> int | None:
@@ -131,38 +227,57 @@ class ShardDataModule(L.LightningDataModule):
             samples = manifest_num_samples(urls_spec)
         if samples is None:
             if not self.resampled:
-                raise ValueError(
+                raise DataError(
                     "finite epoch mode (resampled=False) needs samples_per_epoch, or shards "
-                    "with a manifest.json giving their sample count")
+                    "with a manifest.json giving their sample count"
+                )
             return None
         batches = samples // (world_size * self.batch_size)
         if batches < 1:
-            raise ValueError(f"samples_per_epoch={samples} is less than one batch per rank "
-                             f"({world_size} ranks x batch_size {self.batch_size})")
+            raise DataError(
+                f"samples_per_epoch={samples} is less than one batch per rank "
+                f"({world_size} ranks x batch_size {self.batch_size})"
+            )
         return batches
 
-    def build_train_dataset(self, rank: int | None = None,
-                            world_size: int | None = None) -> ShardStream:
+    def build_train_dataset(
+        self, rank: int | None = None, world_size: int | None = None
+    ) -> ShardStream:
         """The training stream of one rank (rank/world from the trainer unless given)."""
         if rank is None or world_size is None:
             rank, world_size = self._rank_world()
         urls = expand_shard_urls(self.train_shards)
         if not urls:
-            raise ValueError(f"train_shards {self.train_shards!r} matches no shards")
+            raise DataError(f"train_shards {self.train_shards!r} matches no shards")
         if not self.resampled:
-            check_enough_shards(len(urls), world_size, self.num_workers)
+            _check_shard_count(len(urls), world_size, self.num_workers)
         cfg = StreamConfig(
-            urls=urls, condition_key=self.condition_key, resolution=self.resolution,
-            batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+            urls=urls,
+            condition_key=self.condition_key,
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
             batches_per_epoch=self._batches_per_epoch(self.train_shards, world_size),
-            crop=self.crop, random_flip=self.random_flip,
-            use_cached_latents=self.use_cached_latents, seed=self.seed, rank=rank,
-            world_size=world_size, resume_step=self.resume_step(), training=True)
-        return ShardStream(cfg, epoch=self._start_epoch())
+            crop=self.crop,
+            random_flip=self.random_flip,
+            use_cached_latents=self.use_cached_latents,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            skip_batches=0,
+            training=True,
+        )
+        epoch, done = self.resume_position()
+        if cfg.batches_per_epoch is not None and done >= cfg.batches_per_epoch:
+            # Saved on the epoch's last batch: Lightning goes on with the next epoch.
+            epoch, done = epoch + 1, 0
+        cfg.skip_batches = done
+        return ShardStream(cfg, epoch=epoch)
 
-    def build_val_dataset(self, rank: int | None = None,
-                          world_size: int | None = None) -> ShardStream | None:
+    def build_val_dataset(
+        self, rank: int | None = None, world_size: int | None = None
+    ) -> ShardStream | None:
         """One pass over the validation shards, split by sample across ranks and workers."""
         if self.val_shards is None:
             return None
@@ -170,27 +285,49 @@ class ShardDataModule(L.LightningDataModule):
             rank, world_size = self._rank_world()
         urls = expand_shard_urls(self.val_shards)
         if not urls:
-            raise ValueError(f"val_shards {self.val_shards!r} matches no shards")
+            raise DataError(f"val_shards {self.val_shards!r} matches no shards")
         cfg = StreamConfig(
-            urls=urls, condition_key=self.condition_key, resolution=self.resolution,
-            batch_size=self.val_batch_size, shuffle_buffer=0, resampled=False,
-            batches_per_epoch=None, crop="center", random_flip=False,
-            use_cached_latents=self.use_cached_latents, seed=self.seed, rank=rank,
-            world_size=world_size, training=False, drop_last=False)
+            urls=urls,
+            condition_key=self.condition_key,
+            resolution=self.resolution,
+            batch_size=self.val_batch_size,
+            shuffle_buffer=0,
+            resampled=False,
+            batches_per_epoch=None,
+            crop="center",
+            random_flip=False,
+            use_cached_latents=self.use_cached_latents,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            training=False,
+            drop_last=False,
+        )
         return ShardStream(cfg)
 
     def _loader(self, dataset: ShardStream, start_epoch: int = 0) -> DataLoader:
         workers = self.num_workers
         return EpochDataLoader(
-            dataset, start_epoch=start_epoch, batch_size=None, num_workers=workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-            persistent_workers=False)
+            dataset,
+            start_epoch=start_epoch,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.build_train_dataset()
-        log.info("train stream: %d shards, rank %d/%d, resume step %d, %s batches/epoch",
-                 len(dataset.cfg.urls), dataset.cfg.rank, dataset.cfg.world_size,
-                 dataset.cfg.resume_step, dataset.cfg.batches_per_epoch or "endless")
+        log.info(
+            "train stream: %d shards, rank %d/%d, epoch %d after %d batches, %s batches/epoch",
+            len(dataset.cfg.urls),
+            dataset.cfg.rank,
+            dataset.cfg.world_size,
+            dataset.epoch,
+            dataset.cfg.skip_batches,
+            dataset.cfg.batches_per_epoch or "endless",
+        )
         return self._loader(dataset, start_epoch=dataset.epoch)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -228,5 +365,12 @@ class SkippedSamplesLogger(Callback):
             total = self._total
         else:
             return
-        pl_module.log(self.name, float(total), on_step=True, on_epoch=False, reduce_fx="sum",
-                      sync_dist=trainer.world_size > 1, batch_size=1)
+        pl_module.log(
+            self.name,
+            float(total),
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            sync_dist=trainer.world_size > 1,
+            batch_size=1,
+        )

@@ -19,11 +19,16 @@ import cv2
 import numpy as np
 import webdataset as wds
 
+from cn_lightning.errors import DataError
+
 FORMAT_VERSION = "cn_lightning.shards/v1"
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.npy"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_GLOB_CHARS = re.compile(r"[*?[]")
+PROBE_SAMPLES = 8  # samples read from the start of the first shard by check_shards
+PROBE_SHARDS = 3  # shards tried in turn when the first ones are empty tars
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -111,8 +116,12 @@ def write_shard_atomic(path: str, samples: Iterable[dict[str, bytes | str]]) -> 
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
         for sample in samples:
             check_key(sample["__key__"])
-            writer.write({k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
-                          for k, v in sample.items()})
+            writer.write(
+                {
+                    k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
+                    for k, v in sample.items()
+                }
+            )
             count += 1
     os.replace(tmp, path)
     return count, os.path.getsize(path)
@@ -137,19 +146,35 @@ def read_manifest(directory: str) -> dict | None:
         return None
 
 
+def is_remote_url(url: str) -> bool:
+    """True for ``pipe:`` commands and URLs (``http://``, ``s3://``, ...): read, never stat'ed."""
+    return url.startswith("pipe:") or "://" in url
+
+
 def expand_shard_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """Shard URLs from a brace pattern (``a-{000000..000009}.tar``), a ``::``-separated string,
-    a list of any of these, a local directory (its manifest's shards, else ``*.tar``) or
-    ``pipe:`` commands (passed through)."""
+    a list of any of these, a local directory (its manifest's shards, else ``*.tar``), a local
+    glob (``/data/a-*.tar``, sorted) or ``pipe:`` commands (passed through)."""
+    return [url for _, urls in _expand_items(spec) for url in urls]
+
+
+def _expand_items(spec) -> list[tuple[str, list[str]]]:
+    """``(item, its urls)`` for every item of ``spec`` (see :func:`expand_shard_urls`)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
+    out: list[tuple[str, list[str]]] = []
     for item in specs:
         item = str(item)
-        if not item.startswith("pipe:") and os.path.isdir(item):
-            urls.extend(_shards_in_directory(item))
-        else:
-            urls.extend(wds.shardlists.expand_urls(item))
-    return urls
+        if not is_remote_url(item) and os.path.isdir(item):
+            out.append((item, _shards_in_directory(item)))
+            continue
+        urls: list[str] = []
+        for url in wds.shardlists.expand_urls(item):
+            if not is_remote_url(url) and _GLOB_CHARS.search(url) and not os.path.exists(url):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+        out.append((item, urls))
+    return out
 
 
 def _shards_in_directory(directory: str) -> list[str]:
@@ -176,3 +201,187 @@ def manifest_num_samples(spec: str | list[str]) -> int | None:
         return sum(per_shard[u] for u in urls)
     except KeyError:
         return None
+
+
+# ----------------------------------------------------------------------- checks before training
+def read_first_samples(url: str, max_samples: int = 1) -> list[dict[str, bytes | str]]:
+    """Up to ``max_samples`` raw samples (``{"__key__", "__url__", ext: bytes}``) from the start
+    of one shard, local path or ``pipe:``/URL (opened with WebDataset's ``gopen``; a pipe is
+    stopped once enough is read).
+
+    Raises what opening or reading raises (not a tar, truncated, a command that failed) unless
+    a whole sample was read before; an empty tar gives ``[]``.
+    """
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    stream = gopen(url, "rb")
+    samples: list[dict[str, bytes | str]] = []
+    current: dict[str, bytes | str] | None = None
+    try:
+        for member in tar_file_iterator(stream):
+            key, ext = base_plus_ext(member["fname"])
+            if key is None:
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    samples.append(current)
+                    if len(samples) >= max_samples:
+                        break
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = member["data"]
+        else:
+            if current is not None:
+                samples.append(current)
+    except Exception as err:
+        if samples:
+            return samples  # broke off later: the stream skips and counts that part
+        status = _exit_status(stream)
+        if status not in (None, 0):
+            raise OSError(f"the command exited with status {status}") from err
+        raise
+    finally:
+        _close_quietly(stream)
+    return samples
+
+
+def _exit_status(stream, timeout: float = 5.0) -> int | None:
+    """Exit status of a ``pipe:`` stream's command (None: not a pipe, or still running)."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=timeout)
+    except Exception:
+        return None
+
+
+def _close_quietly(stream) -> None:
+    proc = getattr(stream, "proc", None)  # webdataset's Pipe: stop the command, ignore its status
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    try:
+        stream.close()
+    except Exception:
+        pass
+
+
+def condition_keys_of(sample: dict) -> list[str]:
+    """The condition names of a raw sample: ``canny`` for ``<key>.canny.png`` and so on."""
+    names = set()
+    for member in sample:
+        base, _, ext = member.rpartition(".")
+        if base and ext in IMAGE_EXTS:
+            names.add(base)
+    return sorted(names)
+
+
+def check_shards(
+    spec, name: str, condition_key: str | None = None, need_latent: bool = False
+) -> list[str]:
+    """Check a shard spec before training and return its URLs; raise :class:`DataError` with a
+    one-line message naming the problem.
+
+    Local shards: the spec names at least one shard, folders hold shards, every shard exists.
+    Then, for local and remote (``pipe:``, URLs) shards alike, the first samples of the first
+    shard are read: it must be a readable tar whose samples have a target image, the
+    ``<key>.<condition_key>.png`` condition (the message lists the conditions they have) and,
+    with ``need_latent``, ``<key>.latent.npy``. Remote shards are only ever read, never stat'ed.
+    """
+    urls = _existing_urls(spec, name)
+    url, samples = _probe(urls, name)
+    shard = f"the first shard {url}" if url == urls[0] else f"shard {url} (the first with samples)"
+    read = f"{len(samples)} sample{'s' if len(samples) > 1 else ''} read"
+    if not any(_has(s, IMAGE_EXTS) for s in samples):
+        members = ", ".join(sorted(k for k in samples[0] if not k.startswith("__")))
+        raise DataError(
+            f"{name}: no target image (<key>.jpg/.png/.webp) in {shard} ({read}); "
+            f"members of sample {samples[0]['__key__']!r}: {members or 'none'}"
+        )
+    if condition_key and not any(
+        _has(s, [f"{condition_key}.{e}" for e in IMAGE_EXTS]) for s in samples
+    ):
+        have = sorted({c for s in samples for c in condition_keys_of(s)})
+        hint = f" (condition_key={have[0]}?)" if len(have) == 1 else ""
+        raise DataError(
+            f"condition_key {condition_key!r}: {shard} of {name} has no "
+            f"<key>.{condition_key}.png ({read}); the condition keys it has: "
+            f"{', '.join(have) or 'none'}{hint}"
+        )
+    if need_latent and not any(LATENT_EXT in s for s in samples):
+        raise DataError(
+            f"{name}: use_cached_latents is set but {shard} has no "
+            f"<key>.{LATENT_EXT} ({read}; add them with data_prep.cache_latents)"
+        )
+    return urls
+
+
+def _has(sample: dict, exts) -> bool:
+    return any(e in sample for e in exts)
+
+
+def _existing_urls(spec, name: str) -> list[str]:
+    """The spec's URLs; every local one exists (one directory listing per folder)."""
+    if spec is None or isinstance(spec, str) and not spec.strip():
+        raise DataError(f"{name} is empty: give a shard pattern, a list, a folder or pipe: URLs")
+    try:
+        items = _expand_items(spec)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{name} {spec!r}: {err}") from None
+    if not items:
+        raise DataError(f"{name} is empty: give a shard pattern, a list, a folder or pipe: URLs")
+    listings: dict[str, set[str] | None] = {}
+    for item, urls in items:
+        if not urls:
+            if os.path.isdir(item):
+                raise DataError(
+                    f"{name}: folder {item} holds no shards (no *.tar files and no "
+                    f"{MANIFEST_NAME} listing any)"
+                )
+            raise DataError(f"{name}: {item!r} matches no shard")
+        missing = [u for u in urls if not is_remote_url(u) and not _listed(u, listings)]
+        if not missing:
+            continue
+        if urls == [item]:
+            raise DataError(f"{name}: {item} does not exist")
+        if len(missing) == len(urls):
+            raise DataError(
+                f"{name}: {item!r} matches no shard: none of its {len(urls)} "
+                f"file(s) exist (e.g. {missing[0]})"
+            )
+        raise DataError(
+            f"{name}: {len(missing)} of the {len(urls)} shards of {item!r} do not "
+            f"exist (e.g. {missing[0]})"
+        )
+    return [u for _, urls in items for u in urls]
+
+
+def _listed(path: str, listings: dict[str, set[str] | None]) -> bool:
+    folder, base = os.path.split(path)
+    folder = folder or "."
+    if folder not in listings:
+        try:
+            listings[folder] = set(os.listdir(folder))
+        except OSError:
+            listings[folder] = None
+    names = listings[folder]
+    return names is not None and base in names
+
+
+def _probe(urls: list[str], name: str) -> tuple[str, list[dict]]:
+    """The first shard that has samples (trying up to PROBE_SHARDS empty tars) and its first
+    samples."""
+    for i, url in enumerate(urls[:PROBE_SHARDS]):
+        try:
+            samples = read_first_samples(url, PROBE_SAMPLES)
+        except Exception as err:
+            which = "the first shard" if i == 0 else f"shard {i + 1}"
+            text = str(err).strip().splitlines()
+            detail = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+            raise DataError(f"{name}: cannot read {which} {url}: {detail}") from None
+        if samples:
+            return url, samples
+    tried = min(len(urls), PROBE_SHARDS)
+    if tried == 1:
+        raise DataError(f"{name}: the first shard {urls[0]} holds no samples (an empty tar)")
+    raise DataError(f"{name}: the first {tried} shards ({urls[0]}, ...) hold no samples")

@@ -8,15 +8,17 @@ exactly the number of batches it was given, whatever the shard sizes.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -32,6 +34,9 @@ SKIP_REASONS = ("open_error", "corrupt_tar", "missing_image", "missing_condition
 _CONDITION_EXTS = ("png", "jpg", "jpeg", "webp")
 _MAX_WARNINGS = 10
 _MAX_CONSECUTIVE_FAILURES = 10_000
+# An endless stream is cut into segments of this many batches per worker, each seeded on its
+# own, so a resumed run replays at most one segment to find its place.
+ENDLESS_SEGMENT_BATCHES = 1000
 
 
 class TooFewShardsError(ValueError):
@@ -55,7 +60,8 @@ class StreamConfig:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    resume_step: int = 0
+    # Batches of this rank's current epoch already trained on (a resumed run skips them).
+    skip_batches: int = 0
     training: bool = True  # False: validation (split by sample, no shuffle/augmentation)
     drop_last: bool = True
 
@@ -187,6 +193,45 @@ def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
     return out
 
 
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, None if it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:
+        return None
+
+
+def npy_header_ndim(data: bytes | None) -> int | None:
+    """Dimensions of an ``.npy`` array from its header, None if it is not one."""
+    if not data:
+        return None
+    try:
+        buf = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(buf)
+        return len(shape)
+    except Exception:
+        return None
+
+
+def sample_is_usable(raw: dict, cfg: StreamConfig) -> bool:
+    """What :func:`decode_sample` would decide, read from the members' headers only (no
+    pixel decoding): used to skip already-trained batches quickly on resume. A sample whose
+    header is sound but whose pixels are corrupt passes here and fails the decode."""
+    image_bytes = _first(raw, list(IMAGE_EXTS))
+    cond_bytes = _first(raw, [f"{cfg.condition_key}.{e}" for e in _CONDITION_EXTS])
+    if image_bytes is None or cond_bytes is None:
+        return False
+    sizes = [image_header_size(image_bytes), image_header_size(cond_bytes)]
+    if None in sizes or sizes[0] != sizes[1]:
+        return False
+    if cfg.use_cached_latents:
+        return npy_header_ndim(raw.get(LATENT_EXT)) == 3
+    return True
+
+
 def collate(samples: list[dict], n_skipped: int) -> dict:
     """List of decoded samples → the batch dict of the DataModule contract."""
     batch = {
@@ -204,10 +249,11 @@ def collate(samples: list[dict], n_skipped: int) -> dict:
 class ShardStream(IterableDataset):
     """Iterable of ready batches for one rank; see the module docstring.
 
-    Seeding: each worker's randomness comes from (seed, rank, worker, resume_step, epoch), and
-    the finite-mode shard order from (seed, resume_step, epoch) shared by all ranks, so two runs
-    with the same seed, world size and ``num_workers`` produce the same stream, while a run
-    resumed at step s continues with a different stream instead of replaying the first one.
+    Seeding: each worker's randomness comes from (seed, rank, worker, epoch, segment), each
+    sample's augmentation from (that seed, sample index), and the finite-mode shard order from
+    (seed, epoch), shared by all ranks. Two runs with the same seed, world size and
+    ``num_workers`` produce the same stream, and a run resumed after ``skip_batches`` batches of
+    an epoch continues it exactly where the uninterrupted run would be.
     """
 
     def __init__(self, cfg: StreamConfig, epoch: int = 0):
@@ -222,9 +268,6 @@ class ShardStream(IterableDataset):
         if self.cfg.batches_per_epoch is None:
             raise TypeError("endless stream: no length")
         return self.cfg.batches_per_epoch
-
-    def with_rank(self, rank: int, world_size: int) -> ShardStream:
-        return ShardStream(replace(self.cfg, rank=rank, world_size=world_size), self.epoch)
 
     # -- per worker -----------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -243,7 +286,7 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         check_enough_shards(len(cfg.urls), cfg.world_size, num_workers)
         order = list(cfg.urls)
-        random.Random(derive_seed(cfg.seed, cfg.resume_step, self.epoch, 1)).shuffle(order)
+        random.Random(derive_seed(cfg.seed, self.epoch, 1)).shuffle(order)
         return order[cfg.rank :: cfg.world_size][worker::num_workers]
 
     def _shard_urls(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[str]:
@@ -280,25 +323,63 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"{empty_run} shards in a row gave no samples; "
                                    f"skipped so far: {dict(counter.counts)}")
 
+    @staticmethod
+    def _skip_for(done: int, worker: int, num_workers: int) -> int:
+        """This worker's share of the rank's ``done`` already-trained batches (round-robin)."""
+        return done // num_workers + (1 if worker < done % num_workers else 0)
+
     def __iter__(self) -> Iterator[dict]:
+        # Read the position now: the loader resets skip_batches right after creating us.
+        return self._iterate(self.epoch, self.cfg.skip_batches)
+
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[dict]:
         cfg = self.cfg
-        worker, num_workers = self._worker()
-        rng = random.Random(derive_seed(cfg.seed, cfg.rank, worker, cfg.resume_step, self.epoch))
-        counter = SkipCounter()
+        loader_worker, num_workers = self._worker()
+        # The DataLoader takes batches round-robin from worker 0 on. After skip_batches, the
+        # next batch belongs to the uninterrupted run's worker (skip_batches % num_workers), so
+        # each worker takes over the stream of the one that stood at its place.
+        worker = (loader_worker + skip_batches) % num_workers
         quota = self._quota(worker, num_workers)
         if quota == 0:
             return
-        raw = self._raw_samples(rng, counter, worker, num_workers)
-        if cfg.training:
-            raw = shuffle_buffer(raw, cfg.shuffle_buffer, rng)
-        yield from self._batches(raw, rng, counter, quota)
+        counter = SkipCounter()
+        skip = self._skip_for(skip_batches, worker, num_workers)
+        if not cfg.training:
+            raw = self._raw_samples(random.Random(cfg.seed), counter, worker, num_workers)
+            yield from self._batches(raw, cfg.seed, counter, None, 0)
+            return
+        # Segments: the epoch (finite), or ENDLESS_SEGMENT_BATCHES at a time (endless). Each
+        # is seeded by (seed, rank, worker, epoch, segment) alone, so a resumed run rebuilds
+        # the segment it stopped in and skips the batches it already trained on.
+        length = quota if quota is not None else ENDLESS_SEGMENT_BATCHES
+        segment, skip = divmod(skip, length)
+        while quota is None or segment == 0:
+            seed = derive_seed(cfg.seed, cfg.rank, worker, epoch, segment)
+            rng = random.Random(seed)
+            raw = shuffle_buffer(
+                self._raw_samples(rng, counter, worker, num_workers), cfg.shuffle_buffer, rng
+            )
+            yield from self._batches(raw, seed, counter, length, skip)
+            segment, skip = segment + 1, 0
 
-    def _batches(self, raw, rng, counter, quota) -> Iterator[dict]:
+    def _batches(self, raw, seed: int, counter, quota: int | None, skip: int) -> Iterator[dict]:
+        """Up to ``quota`` batches from ``raw``, the first ``skip`` of them only counted.
+
+        Sample ``n`` of the segment draws its augmentation from its own seed (seed, n), so
+        skipping (which checks samples without decoding them) leaves the rest unchanged.
+        """
         cfg = self.cfg
         pending: list[dict] = []
-        made = failures = 0
+        made = failures = pending_skipped = 0
         decoded_any = False
-        for sample in raw:
+        for n, sample in enumerate(raw):
+            if made < skip:
+                if sample_is_usable(sample, cfg):
+                    pending_skipped += 1
+                    if pending_skipped == cfg.batch_size:
+                        pending_skipped, made = 0, made + 1
+                continue
+            rng = random.Random(derive_seed(seed, n))
             decoded = decode_sample(sample, cfg, rng, counter)
             if decoded is None:
                 failures += 1
