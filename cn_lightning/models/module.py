@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
-from cn_lightning.errors import ConfigError
-from cn_lightning.models.backbone import load_backbone
+from cn_lightning.data.stream import derive_seed
+from cn_lightning.errors import ConfigError, NumericsError
+from cn_lightning.models.backbone import freeze_backbone, load_backbone, parse_dtype
 from cn_lightning.models.controlnet import build_controlnet, expand_control_scales, scale_residuals
 from cn_lightning.models.diffusion import (
     FrozenPartsMixin,
@@ -64,6 +65,11 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         noise_offset: optional offset noise (0 disables it).
         sampler / sample_steps / guidance_scale / eta: defaults of :meth:`sample`.
         conditioning_channels: channels of the condition image.
+        seed: with the global rank and the optimizer step, seeds every random draw of a
+            training step (noise, timesteps, prompt drops, latent sampling), so ranks draw
+            differently and a rerun or resumed run draws exactly the same.
+        max_consecutive_nonfinite: stop with an error after this many optimizer steps in a
+            row were skipped for a non-finite loss or gradient.
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         guidance_scale: float = 9.0,
         eta: float = 0.0,
         conditioning_channels: int = 3,
+        seed: int = 0,
+        max_consecutive_nonfinite: int = 10,
     ) -> None:
         super().__init__()
         if pretrained_model_path in (None, "", "???"):
@@ -101,7 +109,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             raise ConfigError(f"ucg_rate must be in [0, 1], got {ucg_rate}")
         self.save_hyperparameters(ignore=["optimizer"])
 
-        backbone = load_backbone(pretrained_model_path, frozen_dtype, variant=variant)
+        # Loaded in fp32 so the trainable copy starts from the exact weights; the frozen parts
+        # are cast to frozen_dtype only after the copy is made.
+        backbone = load_backbone(pretrained_model_path, "fp32", variant=variant)
         self.vae_scale_factor = backbone.vae_scale_factor
         self.tokenizer = backbone.tokenizer
         self.noise_scheduler = backbone.noise_scheduler
@@ -116,14 +126,19 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             pretrained_path=controlnet_path,
             conditioning_channels=conditioning_channels,
         )
+        decoder_fp32 = {} if sd_locked else _decoder_parameters(backbone.unet)
+        freeze_backbone(backbone, parse_dtype(frozen_dtype))
         if not sd_locked:
-            self._unlock_decoder()
+            self._unlock_decoder(decoder_fp32)
         if gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
             self.unet.enable_gradient_checkpointing()
         num_outputs = len(self.controlnet.controlnet_down_blocks) + 1
         self.control_scales = expand_control_scales(control_scales, num_outputs)
         self.optimizer_factory = optimizer or default_optimizer
+        self.numerics = NonFiniteGuard(max_consecutive_nonfinite)
+        # (optimizer step, micro-batches seen in it): the key of each micro-batch's generator.
+        self._micro = (-1, 0)
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -134,10 +149,10 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     def text_encoder(self) -> torch.nn.Module:
         return self._frozen["text_encoder"]
 
-    def _unlock_decoder(self) -> None:
+    def _unlock_decoder(self, fp32_weights: dict[str, torch.Tensor]) -> None:
         for name, param in self.unet.named_parameters():
             if name.startswith(DECODER_PREFIXES):
-                param.data = param.data.float()
+                param.data = fp32_weights[name]
                 param.requires_grad_(True)
         self.unet.up_blocks.train()
 
@@ -185,10 +200,18 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device)
 
     @torch.no_grad()
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/f, W/f), fp32."""
+    def encode_image(
+        self, image: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/f, W/f), fp32.
+
+        ``generator`` (on the image's device) draws the posterior sample.
+        """
         posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if self.hparams.latent_sampling == "sample" else posterior.mode()
+        if self.hparams.latent_sampling == "sample":
+            latents = posterior.sample(generator=generator)
+        else:
+            latents = posterior.mode()
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -220,11 +243,15 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         Returns:
             (B, C, h, w) prediction (epsilon or v, as the scheduler says), fp32.
         """
+        # Under DeepSpeed the registered modules are cast to bf16/fp16 and no autocast runs, so
+        # the inputs made outside the engine must follow the branch's dtype (a no-op in fp32 and
+        # under autocast, where the branch keeps fp32 weights).
+        branch_dtype = self.controlnet.dtype
         down, mid = self.controlnet(
-            noisy_latents,
+            noisy_latents.to(branch_dtype),
             timesteps,
-            encoder_hidden_states=text_embeddings,
-            controlnet_cond=condition,
+            encoder_hidden_states=text_embeddings.to(branch_dtype),
+            controlnet_cond=condition.to(branch_dtype),
             return_dict=False,
         )
         down, mid = scale_residuals(down, mid, self.control_scales, self.hparams.only_mid_control)
@@ -248,37 +275,59 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     def compute_loss(
         self, batch: dict[str, Any], generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The diffusion MSE loss of one batch (see the module docstring)."""
+        """The diffusion MSE loss of one batch (see the module docstring), fp32.
+
+        ``generator`` (a CPU generator) makes every draw reproducible: it draws the prompt
+        drops and timesteps itself and seeds a generator on the batch's device for the noise
+        and the VAE posterior sample. Without it the global RNGs are used.
+        """
+        device = batch["condition"].device
+        device_gen = _device_generator(generator, device)
         if "latent" in batch:
             latents = batch["latent"].float() * self.vae.config.scaling_factor
         else:
-            latents = self.encode_image(batch["image"])
+            latents = self.encode_image(batch["image"], generator=device_gen)
         prompts = self.drop_prompts(batch["prompt"], generator=generator)
         text_embeddings = self.encode_prompt(prompts)
-        device = latents.device
-        noise = _randn(latents.shape, generator, device)
+        noise = torch.randn(latents.shape, generator=device_gen, device=device)
         if self.hparams.noise_offset:
-            offset = _randn(latents.shape[:2] + (1, 1), generator, device)
+            offset = torch.randn(latents.shape[:2] + (1, 1), generator=device_gen, device=device)
             noise = noise + self.hparams.noise_offset * offset
         num_steps = self.noise_scheduler.config.num_train_timesteps
-        if generator is None:
-            timesteps = torch.randint(0, num_steps, (latents.shape[0],), device=device)
-        else:
-            timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator)
-            timesteps = timesteps.to(device)
+        timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator)
+        timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         pred = self(noisy, timesteps, text_embeddings, batch["condition"].float())
         target = self.diffusion_target(latents, noise, timesteps)
         return F.mse_loss(pred, target.float(), reduction="mean")
 
+    def step_generator(self) -> torch.Generator:
+        """A CPU generator for the current micro-batch, seeded by (seed, global rank,
+        optimizer step, micro-batch within the step): distinct on every rank, identical when
+        the run is repeated or resumed, and with no state to carry in a checkpoint."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        index = self._micro[1] if self._micro[0] == step else 0
+        self._micro = (step, index + 1)
+        seed = derive_seed(self.hparams.seed, self.global_rank, step, index)
+        return torch.Generator().manual_seed(seed)
+
     # ----------------------------------------------------------------------------- Lightning
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        loss = self.compute_loss(batch, generator=self.step_generator())
         batch_size = len(batch["prompt"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        finite = self.trainer.strategy.reduce_boolean_decision(
+            bool(torch.isfinite(loss.detach())), all=True
+        )
+        self.log("train/skipped_nonfinite", float(self.numerics.skipped), batch_size=batch_size)
         if "n_skipped" in batch:
             skipped = torch.as_tensor(batch["n_skipped"]).sum().float()
             self.log("data/skipped_samples", skipped, reduce_fx="sum", batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if not finite:
+            # Every rank agreed (reduce_boolean_decision), so none waits in DDP's all-reduce.
+            self.numerics.flag_window()
+            if not self._uses_deepspeed():
+                return None  # Lightning skips backward; the guarded step skips the update
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -294,6 +343,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             decoder = [p for p in self.unet.parameters() if p.requires_grad]
             groups.append({"params": decoder, "lr": self.hparams.decoder_learning_rate})
         optimizer = self.optimizer_factory(groups, lr=self.hparams.learning_rate)
+        self.numerics.guard(optimizer)  # before a scheduler wraps optimizer.step
         warmup = self.hparams.lr_warmup_steps
         if warmup <= 0:
             return optimizer
@@ -301,6 +351,37 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             optimizer, functools.partial(_linear_warmup, warmup_steps=warmup)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- numerics
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Gradients here are complete (accumulated, all-reduced, unscaled for fp16). Under
+        # DeepSpeed they live in its own buffers; its optimizer checks them itself.
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.numerics.flag_window()
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        skipped_by_engine = engine is not None and not getattr(engine, "_step_applied", True)
+        self.numerics.end_step(self.trainer.global_step, skipped_by_engine, self.print)
+
+    def _uses_deepspeed(self) -> bool:
+        return getattr(self.trainer.strategy, "deepspeed_engine", None) is not None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, p in self.named_parameters() if p.requires_grad and not _finite(p)]
+        if bad:
+            raise NumericsError(
+                f"refusing to save a checkpoint at step {self.trainer.global_step}: "
+                f"{len(bad)} trainable tensors are not finite (e.g. {bad[0]})"
+            )
+        checkpoint["cn_numerics"] = self.numerics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "cn_numerics" in checkpoint:
+            self.numerics.load_state_dict(checkpoint["cn_numerics"])
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -389,12 +470,93 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         return out
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    # Without a generator draw on the device itself (no host-to-device copy in the hot path);
-    # with one, draw on the CPU so a seeded generator gives the same numbers on any device.
+def _device_generator(
+    generator: torch.Generator | None, device: torch.device
+) -> torch.Generator | None:
+    """A generator on ``device`` seeded from the CPU ``generator`` (None stays None): large
+    draws (noise, posterior samples) then happen on the device itself, no host copy."""
     if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator).to(device)
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _finite(param: torch.Tensor) -> bool:
+    # ZeRO-3 keeps only this rank's partition in ds_tensor; the parameter itself is empty.
+    tensor = getattr(param, "ds_tensor", param)
+    return bool(torch.isfinite(tensor).all())
+
+
+def _decoder_parameters(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of the decoder weights that ``sd_locked=False`` trains."""
+    return {
+        n: p.detach().float().clone()
+        for n, p in unet.named_parameters()
+        if n.startswith(DECODER_PREFIXES)
+    }
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradients are not finite, counts them, and stops
+    the run after ``max_consecutive`` skips in a row.
+
+    The module flags the current accumulation window (:meth:`flag_window`) when a loss or a
+    gradient is not finite on any rank; :meth:`guard` makes the optimizer's own ``step`` a
+    no-op for a flagged window (also when DeepSpeed calls it), so weights and optimizer state
+    stay exactly as they were.
+    """
+
+    def __init__(self, max_consecutive: int = 10) -> None:
+        if max_consecutive < 1:
+            raise ConfigError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self.flagged = False
+
+    def flag_window(self) -> None:
+        self.flagged = True
+
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        step = optimizer.step
+
+        def guarded_step(closure=None, **kwargs):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if self.flagged:
+                return loss
+            return step(**kwargs)
+
+        optimizer.step = guarded_step
+
+    def end_step(self, step: int, skipped_by_engine: bool, report: Callable[[str], None]) -> None:
+        """Account for the optimizer step that just ran (``step``: the trainer's step count)."""
+        skipped, self.flagged = self.flagged or skipped_by_engine, False
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        report(
+            f"[cn_lightning] step {step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self.consecutive} in a row, {self.skipped} in all)"
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise NumericsError(
+                f"step {step}: {self.consecutive} optimizer steps in a row had a non-finite loss "
+                "or gradient; stopping (usual causes: model.learning_rate too high, fp16 "
+                "overflow - use trainer.precision=bf16-mixed, or bad data). The last checkpoint "
+                "holds finite weights"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.consecutive = int(state.get("consecutive", 0))
 
 
 def sampler_is_ddim(scheduler) -> bool:
