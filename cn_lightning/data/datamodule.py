@@ -59,6 +59,14 @@ class EpochDataLoader(DataLoader):
         self.dataset.cfg.skip_batches = 0  # only the resumed epoch starts part-way
         return batches
 
+    # Resumable (Lightning's Stateful protocol): the position itself is Lightning's restored
+    # loop state, read by ShardDataModule.resume_position before this loader is built.
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class ShardDataModule(L.LightningDataModule):
     """Condition/image pairs streamed from WebDataset shards (see docs/data.md).
