@@ -90,9 +90,14 @@ def build_fid(weights_path: str, feature: int = 2048) -> torchmetrics.Metric:
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    from cn_lightning.utils.checkpoints import verify_safe_checkpoint
+
     path = Path(os.path.expanduser(weights_path))
     if not path.is_file():
         raise ConfigError(f"FID Inception weights {str(path)!r} not found: expected {INCEPTION_HINT}")
+    # torch-fidelity reads the file with torch.load(weights_only=False): check it first, so a
+    # downloaded pickle that would run code is refused before it is unpickled.
+    verify_safe_checkpoint(path)
     try:
         return FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=str(path))
     except (RuntimeError, KeyError, OSError, EOFError, ValueError) as err:
@@ -137,11 +142,14 @@ def build_clip_score(model_name: str, weights: str | None) -> ClipScore:
     """open_clip from local weights: ``NAME`` + a weights file, or ``local-dir:FOLDER`` (config + weights)."""
     import open_clip
 
+    from cn_lightning.utils.checkpoints import verify_safe_checkpoint
+
     if model_name.startswith("local-dir:"):
         folder = Path(os.path.expanduser(model_name.removeprefix("local-dir:")))
         if not (folder / "open_clip_config.json").is_file():
             raise ConfigError(f"--clip-model {model_name!r}: no open_clip_config.json in {str(folder)!r}")
-        name, kwargs = f"local-dir:{folder}", {}
+        name, kwargs = f"local-dir:{folder}", {"weights_only": True}
+        pickled = [f for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     else:
         if weights is None:
             raise ConfigError(f"--clip-model {model_name!r} needs --clip-weights: a local open_clip weights file")
@@ -150,7 +158,10 @@ def build_clip_score(model_name: str, weights: str | None) -> ClipScore:
             raise ConfigError(f"CLIP weights {str(path)!r} not found: expected a local open_clip checkpoint file")
         if model_name not in open_clip.list_models():
             raise ConfigError(f"unknown open_clip architecture {model_name!r} (see open_clip.list_models())")
-        name, kwargs = model_name, {"pretrained": str(path), "load_weights": True}
+        name, kwargs = model_name, {"pretrained": str(path), "load_weights": True, "weights_only": True}
+        pickled = [] if path.suffix == ".safetensors" else [path]
+    for file in pickled:  # a refused pickle gets our one-line error (open_clip's is a traceback)
+        verify_safe_checkpoint(file)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
     except (RuntimeError, KeyError, OSError, ValueError) as err:
@@ -191,14 +202,15 @@ class PipelineSource:
     """Generates each batch's images with the ControlNet pipeline."""
 
     def __init__(self, cfg: EvalConfig, device: torch.device, dtype: torch.dtype) -> None:
-        from cn_lightning.generate import build_pipeline, load_controlnet
+        from cn_lightning.generate import build_pipeline, load_controlnets
         from cn_lightning.models.backbone import load_backbone
 
         if not cfg.base or not cfg.controlnet:
             raise ConfigError("give --base and --controlnet to generate images, or --images DIR to score existing ones")
         backbone = load_backbone(cfg.base, dtype, variant=cfg.variant)
-        controlnet = load_controlnet(cfg.controlnet, backbone, dtype)
-        self.pipe = build_pipeline(backbone, [controlnet], cfg.sampler).to(device)
+        # A ControlNet trained with sd_locked=false brings its fine-tuned UNet (it replaces backbone.unet).
+        controlnets = load_controlnets([cfg.controlnet], backbone, dtype)
+        self.pipe = build_pipeline(backbone, controlnets, cfg.sampler).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.cfg, self.device = cfg, device
 
@@ -389,9 +401,10 @@ def markdown_table(cfg: EvalConfig, values: dict[str, float], n: int) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from cn_lightning.utils.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def log_to_wandb(cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]) -> str:

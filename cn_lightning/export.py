@@ -9,6 +9,13 @@ diffusers folder or an original-format file) to convert between the two formats.
 * ``--format original`` writes the ``control_model.*`` state dict of the original ControlNet repo
   (``.safetensors``, or ``.pth`` when ``--out`` ends in ``.pth``), which AUTOMATIC1111's and
   ComfyUI's ControlNet loaders read. The conversion is exact (see ``models.convert_original``).
+
+After ``sd_locked: false`` training the UNet decoder was trained too, and the ControlNet only
+works with it: the full fine-tuned UNet (the base model's UNet with the trained decoder, fp32
+unless ``--dtype``) is written as well, to ``OUT/unet/`` (diffusers folder) or to
+``<OUT stem>_unet<suffix>`` (``model.diffusion_model.*`` keys, the SD checkpoint layout).
+``--controlnet-only`` skips it. Pickled inputs are read with ``weights_only=True`` and an
+allow-list; a pickle that would run code is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import Tensor
 
-from cn_lightning.errors import CheckpointFormatError, ConfigError
+from cn_lightning.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
 from cn_lightning.models.backbone import parse_dtype
 from cn_lightning.utils.cli import ArgumentParser, run_cli
 
@@ -53,17 +60,25 @@ class TrainedWeights:
     def decoder_keys(self) -> list[str]:
         return [k for k in self.state_dict if k.startswith("unet.")]
 
+    @property
+    def decoder_state_dict(self) -> dict[str, Tensor]:
+        """The trained UNet decoder (``sd_locked: false``), keyed as in ``UNet2DConditionModel``."""
+        return {k[len("unet."):]: v for k, v in self.state_dict.items() if k.startswith("unet.")}
+
 
 # ------------------------------------------------------------------------------ reading
 def find_checkpoint(src: str | os.PathLike) -> Path:
     """The checkpoint that ``src`` names: a file, a DeepSpeed directory, or a run directory's last one."""
-    from cn_lightning.utils.checkpoints import is_deepspeed_checkpoint
+    from cn_lightning.utils.checkpoints import is_deepspeed_checkpoint, newest_run_checkpoint
 
     path = Path(os.path.expanduser(str(src)))
     if not path.exists():
         raise ConfigError(f"{str(path)!r} does not exist: expected a .ckpt file, a DeepSpeed checkpoint or a run directory")
     if path.is_file() or is_deepspeed_checkpoint(path):
         return path
+    newest = newest_run_checkpoint(path)  # the same rule as resuming: what training continues
+    if newest is not None:
+        return newest
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if (folder / "last.ckpt").exists():
         return folder / "last.ckpt"
@@ -82,15 +97,31 @@ def read_hparams(checkpoint: Path) -> dict[str, Any]:
     A DeepSpeed directory keeps them in its ``*model_states.pt`` client state. Files are
     memory-mapped so the weights are not read a second time.
     """
+    from cn_lightning.utils.checkpoints import safe_torch_load
+
     files = [checkpoint] if checkpoint.is_file() else sorted(checkpoint.rglob("*model_states.pt"))[:1]
     for file in files:
         try:
-            data = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+            data = safe_torch_load(file, mmap=True, deepspeed=checkpoint.is_dir())
+        except UnsafeCheckpointError:
+            raise
         except Exception:  # noqa: BLE001 - no readable hparams just means "ask for --base"
             return {}
         if isinstance(data, dict) and isinstance(data.get("hyper_parameters"), Mapping):
-            return dict(data["hyper_parameters"])
+            return _plain(data["hyper_parameters"])
     return {}
+
+
+def _plain(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as plain Python: OmegaConf containers (Hydra's list arguments) converted
+    without resolving any interpolation a file might hold."""
+    try:
+        from omegaconf import Container, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return dict(hparams)
+    if isinstance(hparams, Container):
+        return dict(OmegaConf.to_container(hparams, resolve=False))
+    return {k: OmegaConf.to_container(v, resolve=False) if isinstance(v, Container) else v for k, v in hparams.items()}
 
 
 def load_trained_weights(src: str | os.PathLike) -> TrainedWeights:
@@ -229,8 +260,12 @@ def _top_level_keys(path: Path) -> list[str]:
                 return list(f.keys())
         except Exception as err:  # noqa: BLE001 - an unreadable file is the user's input error
             raise CheckpointFormatError(f"cannot read {str(path)!r} as safetensors: {err}") from err
+    from cn_lightning.utils.checkpoints import safe_torch_load
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        data = safe_torch_load(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception:  # noqa: BLE001 - let the checkpoint reader report it
         return []
     return [str(k) for k in data] if isinstance(data, dict) else []
@@ -254,39 +289,118 @@ def export_controlnet(
     fmt: str = "diffusers",
     dtype: str = "fp32",
     base: str | None = None,
+    controlnet_only: bool = False,
 ) -> Path:
-    """Export the ControlNet of ``src`` to ``out`` in ``fmt``; returns the written path."""
+    """Export the ControlNet of ``src`` to ``out`` in ``fmt``; returns the written path.
+
+    When the decoder was trained too (``sd_locked: false``), the full fine-tuned UNet is written
+    as well (unless ``controlnet_only``): ``out/unet/`` (diffusers) or the SD-layout file
+    ``<out stem>_unet<suffix>`` (original; see :func:`original_unet_path`).
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     torch_dtype = parse_dtype(dtype)
     controlnet, weights = load_any_controlnet(src, base)
-    if weights is not None and weights.decoder_keys:
+    unet = None if controlnet_only else load_companion_unet(src, weights, controlnet, base)
+    if fmt == "diffusers":
+        path = _write_diffusers(controlnet, Path(out), torch_dtype, unet)
+        where = path / "unet"
+    else:
+        path = _write_original(controlnet, Path(out), torch_dtype, unet)
+        where = original_unet_path(path)
+    if unet is not None:
+        print(f"[cn_lightning] wrote the fine-tuned UNet (sd_locked=false, {dtype}) to {where}")
+    return path
+
+
+def load_companion_unet(
+    src: str | os.PathLike,
+    weights: TrainedWeights | None,
+    controlnet: ControlNetModel,
+    base: str | None = None,
+) -> UNet2DConditionModel | None:
+    """The full fp32 fine-tuned UNet that goes with ``src`` (``sd_locked: false``), or ``None``.
+
+    A checkpoint holds only the trained decoder: the rest of the UNet comes from its base model
+    (``base``, else the checkpoint's ``pretrained_model_path``), which must then be at hand.
+    """
+    from cn_lightning.utils.export import find_companion_unet, trained_unet, unet_from_original_file
+
+    companion = find_companion_unet(src, weights.decoder_state_dict if weights is not None else None)
+    if companion is None:
+        return None
+    if companion.decoder is not None:
+        assert weights is not None
         print(
-            f"[cn_lightning] note: {weights.source} also holds {len(weights.decoder_keys)} fine-tuned UNet "
-            "decoder tensors (sd_locked=false); they are not part of a ControlNet export",
+            f"[cn_lightning] note: {weights.source} also holds {len(companion.decoder)} fine-tuned UNet decoder "
+            "tensors (sd_locked=false); writing the full UNet they belong to as well",
             file=sys.stderr,
         )
-    if fmt == "diffusers":
-        return _write_diffusers(controlnet, Path(out), torch_dtype)
-    return _write_original(controlnet, Path(out), torch_dtype)
+        base_path = base or weights.hparams.get("pretrained_model_path")
+        if not base_path or not Path(os.path.expanduser(str(base_path))).exists():
+            raise ConfigError(
+                f"{weights.source} was trained with sd_locked=false but its base model {base_path!r} is not at "
+                "hand: pass --base (the Stable Diffusion model it was trained on) to write the full UNet, "
+                "or --controlnet-only"
+            )
+        return trained_unet(base_path, companion.decoder, weights.hparams.get("variant"))
+    if companion.folder is not None:
+        return UNet2DConditionModel.from_pretrained(companion.folder, local_files_only=True, torch_dtype=torch.float32)
+    return unet_from_original_file(companion.original, _unet_config(controlnet, base))
 
 
-def _write_diffusers(controlnet: ControlNetModel, out: Path, dtype: torch.dtype) -> Path:
+def _unet_config(controlnet: ControlNetModel, base: str | None) -> dict[str, Any]:
+    """The UNet config for an original-layout UNet file: the base model's, else the shipped SD1.5 /
+    SD2.1 one matching the ControlNet's cross-attention width."""
+    from cn_lightning.models.single_file import config_dir
+
+    if base is not None:
+        return dict(_meta_unet(base).config)
+    variant = {768: "sd15", 1024: "sd21"}.get(int(controlnet.config.cross_attention_dim or 0))
+    if variant is None:
+        raise ConfigError(
+            f"cannot tell the UNet architecture (cross-attention width {controlnet.config.cross_attention_dim}): "
+            "pass the base model it was trained on with --base"
+        )
+    return dict(UNet2DConditionModel.load_config(str(config_dir(variant) / "unet")))
+
+
+def original_unet_path(path: str | os.PathLike) -> Path:
+    """``control_x.safetensors`` -> ``control_x_unet.safetensors``: where the original-format export
+    writes a fine-tuned UNet (``model.diffusion_model.*`` keys, the layout of SD checkpoints)."""
+    from cn_lightning.utils.export import original_unet_path as path_of
+
+    return path_of(path)
+
+
+def _write_diffusers(
+    controlnet: ControlNetModel, out: Path, dtype: torch.dtype, unet: UNet2DConditionModel | None = None
+) -> Path:
     from cn_lightning.utils.export import save_controlnet_folder
 
     if out.suffix.lower() in ORIGINAL_SUFFIXES:
         raise ConfigError(f"--out {str(out)!r} looks like a file; --format diffusers writes a folder")
     if any(p.dtype != dtype for p in controlnet.parameters()):
         controlnet = controlnet.to(dtype=dtype)
-    return save_controlnet_folder(controlnet, out)
+    if unet is not None and any(p.dtype != dtype for p in unet.parameters()):
+        unet = unet.to(dtype=dtype)
+    return save_controlnet_folder(controlnet, out, unet=unet)
 
 
-def _write_original(controlnet: ControlNetModel, out: Path, dtype: torch.dtype) -> Path:
-    from cn_lightning.models.convert_original import controlnet_to_original, save_original
+def _write_original(
+    controlnet: ControlNetModel, out: Path, dtype: torch.dtype, unet: UNet2DConditionModel | None = None
+) -> Path:
+    from cn_lightning.models.convert_original import (
+        controlnet_to_original,
+        save_original,
+        unet_to_original,
+    )
 
     if out.suffix == "":
         out = out.with_suffix(".safetensors")
     original = controlnet_to_original(controlnet.state_dict(), controlnet.config)
+    if unet is not None:
+        save_original(unet_to_original(unet.state_dict(), unet.config), original_unet_path(out), dtype=dtype)
     return save_original(original, out, dtype=dtype)
 
 
@@ -319,8 +433,16 @@ def build_parser() -> ArgumentParser:
         "--base",
         default=None,
         help=(
-            "the Stable Diffusion model the ControlNet was trained on, for its architecture "
-            "(default: the checkpoint's pretrained_model_path)"
+            "the Stable Diffusion model the ControlNet was trained on, for its architecture and, after "
+            "sd_locked=false training, the frozen part of the UNet (default: the checkpoint's pretrained_model_path)"
+        ),
+    )
+    parser.add_argument(
+        "--controlnet-only",
+        action="store_true",
+        help=(
+            "after sd_locked=false training, write only the ControlNet (by default the fine-tuned UNet is "
+            "written too: OUT/unet/ for diffusers, <OUT stem>_unet<suffix> for original)"
         ),
     )
     return parser
@@ -328,7 +450,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = export_controlnet(args.src, args.out, fmt=args.fmt, dtype=args.dtype, base=args.base)
+    path = export_controlnet(
+        args.src, args.out, fmt=args.fmt, dtype=args.dtype, base=args.base, controlnet_only=args.controlnet_only
+    )
     print(f"[cn_lightning] wrote {args.fmt} ControlNet ({args.dtype}) to {path}")
     return 0
 

@@ -10,6 +10,10 @@ folder, an original-format file, a training checkpoint or a run directory; sever
 by summing their scaled residuals (diffusers' ``MultiControlNetModel``). The sampling loop is
 diffusers' ``StableDiffusionControlNetPipeline``; this module only assembles it from local
 components, prepares the conditions and writes PNGs with the settings in their metadata.
+
+A ControlNet trained with ``sd_locked: false`` comes with its fine-tuned UNet decoder (in its
+checkpoint / run directory, or as the ``unet/`` of an export); the pipeline then runs that UNet
+instead of the base model's (see :func:`load_controlnets`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ from cn_lightning.errors import ConfigError
 from cn_lightning.models.backbone import Backbone, load_backbone
 from cn_lightning.models.module import SAMPLERS
 from cn_lightning.utils.cli import ArgumentParser, run_cli
+from cn_lightning.utils.export import CompanionUNet
 
 # Condition images with at most this many colours (edge maps, label maps) are resized with
 # nearest neighbour so no in-between value or colour outside a palette appears.
@@ -128,15 +132,44 @@ def _round(x: float) -> int:
 # ------------------------------------------------------------------------------ models
 def load_controlnet(path: str, backbone: Backbone, dtype: torch.dtype) -> ControlNetModel:
     """A ControlNet from a diffusers folder, an original-format file, a checkpoint or a run directory."""
+    return load_controlnet_and_unet(path, backbone, dtype)[0]
+
+
+def load_controlnet_and_unet(
+    path: str, backbone: Backbone, dtype: torch.dtype
+) -> tuple[ControlNetModel, CompanionUNet | None]:
+    """:func:`load_controlnet`, and the fine-tuned UNet that comes with it (``sd_locked: false``
+    training; see :func:`cn_lightning.utils.export.find_companion_unet`), not yet built."""
     from cn_lightning.export import load_any_controlnet
+    from cn_lightning.utils.export import find_companion_unet
 
     if not Path(os.path.expanduser(path)).exists():
         raise ConfigError(f"ControlNet {path!r} does not exist")
-    controlnet, _ = load_any_controlnet(path, unet=backbone.unet)
+    controlnet, weights = load_any_controlnet(path, unet=backbone.unet)
     check_fits(controlnet, backbone.unet, path, backbone.vae_scale_factor)
     if controlnet.dtype != dtype:
         controlnet.to(dtype=dtype)
-    return controlnet.eval()
+    companion = find_companion_unet(path, weights.decoder_state_dict if weights is not None else None)
+    return controlnet.eval(), companion
+
+
+def load_controlnets(paths: Sequence[str], backbone: Backbone, dtype: torch.dtype) -> list[ControlNetModel]:
+    """The ControlNets of ``paths``; a fine-tuned UNet that comes with one of them (a run trained with
+    ``sd_locked: false``, or an export with ``unet/``) replaces ``backbone.unet``: the ControlNet was
+    trained with that decoder. The base model's UNet gives the rest of a checkpoint's UNet."""
+    loaded = [load_controlnet_and_unet(p, backbone, dtype) for p in paths]
+    companions = [c for _, c in loaded if c is not None]
+    if len(companions) > 1:
+        names = ", ".join(repr(c.source) for c in companions)
+        raise ConfigError(
+            f"ControlNets {names} each come with a fine-tuned UNet (sd_locked=false); a pipeline has one UNet, "
+            "so combine at most one of them with others"
+        )
+    if companions:
+        unet = companions[0].build(backbone.unet, dtype)
+        backbone.unet = unet.requires_grad_(False).eval()
+        print(f"[cn_lightning] using the fine-tuned UNet (sd_locked=false) of {companions[0].source}")
+    return [controlnet for controlnet, _ in loaded]
 
 
 def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str, vae_scale_factor: int) -> None:
@@ -207,7 +240,7 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
     width, height = _round(settings.width or width), _round(settings.height or height)
     settings.width, settings.height = width, height
     conditions = [prepare_condition(p, width, height, c.extractor) for p, c in zip(photos, settings.controls, strict=True)]
-    controlnets = [load_controlnet(c.controlnet, backbone, dtype) for c in settings.controls]
+    controlnets = load_controlnets([c.controlnet for c in settings.controls], backbone, dtype)
     pipe = build_pipeline(backbone, controlnets, settings.sampler).to(device)
     multi = len(controlnets) > 1
     generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(settings.batch_size)]
@@ -247,15 +280,10 @@ def png_metadata(settings: GenerationSettings, index: int) -> PngInfo:
 
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> Path:
     """Write a PNG atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from cn_lightning.utils.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

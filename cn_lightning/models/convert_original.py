@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -260,21 +259,16 @@ def save_original(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt", ".ckpt"):
         raise CheckpointFormatError(f"{path}: expected a .safetensors, .pth, .pt or .ckpt file name")
+    from cn_lightning.utils.atomic import atomic_file
+
     tensors = {k: _prepare(v, dtype) for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata={"format": "pt"})
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -356,14 +350,14 @@ def load_original_controlnet(
     path: str | os.PathLike[str],
     unet: Any | None = None,
     torch_dtype: torch.dtype = torch.float32,
-    trust_pickle: bool = False,
 ) -> Any:
     """Load an original-format ControlNet file (``control_*.safetensors`` / ``.pth``) as a ``ControlNetModel``.
 
     The config comes from ``unet`` (the base model the ControlNet will drive) or, without it, from
     the shipped SD1.5/SD2.1 configs; the keys are mapped with diffusers' own converter
     (:func:`original_to_controlnet`) and loaded strictly, so a tensor that is missing, left over
-    or of the wrong shape is a :class:`CheckpointFormatError` naming it.
+    or of the wrong shape is a :class:`CheckpointFormatError` naming it. Pickled files are read
+    with the allow-list of ``safe_torch_load`` (a pickle that would run code is refused).
     """
     from diffusers import ControlNetModel
 
@@ -371,7 +365,7 @@ def load_original_controlnet(
     from cn_lightning.models.single_file import load_checkpoint
 
     try:
-        state = load_checkpoint(path, trust_pickle=trust_pickle)
+        state = load_checkpoint(path)
     except BackboneLoadError as err:
         raise CheckpointFormatError(str(err).replace("Stable Diffusion", "ControlNet")) from err
     config = original_controlnet_config(state, unet)

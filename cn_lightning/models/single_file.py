@@ -25,8 +25,9 @@ from cn_lightning.errors import BackboneLoadError
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CLIP_BPE_DIR = CONFIG_ROOT / "clip_bpe"
 VARIANTS = ("sd15", "sd21", "sd21-base")
-# SD2 weights cannot tell v-prediction (768) from epsilon (512 "base"); like diffusers, assume 768-v.
-DEFAULT_SD2_VARIANT = "sd21"
+# SD2 weights cannot tell v-prediction (768) from epsilon (512 "base"): the file must record it,
+# or the user names the variant. Never guessed.
+SD2_VARIANT_BY_PREDICTION = {"v_prediction": "sd21", "epsilon": "sd21-base"}
 
 _UNET_PROBE = "model.diffusion_model.input_blocks.0.0.weight"
 _VAE_PROBE = "first_stage_model.encoder.conv_in.weight"
@@ -43,35 +44,71 @@ def config_dir(variant: str) -> Path:
     return CONFIG_ROOT / variant
 
 
-def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """Read a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` file into a flat CPU state dict.
 
-    Pickled files are read with ``weights_only=True`` unless ``trust_pickle`` (only for files you
-    trust: unpickling can run code). A Lightning-style ``{"state_dict": ...}`` wrapper is unwrapped.
+    Pickled files are read with ``torch.load(weights_only=True)`` and the allow-list of
+    :func:`cn_lightning.utils.checkpoints.safe_torch_load`: a pickle that would call anything else
+    is refused (:class:`~cn_lightning.errors.UnsafeCheckpointError`). A Lightning-style
+    ``{"state_dict": ...}`` wrapper is unwrapped.
     """
+    return _read_checkpoint(path)[0]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The flat state dict and the file's non-tensor records (safetensors metadata, or the
+    top-level non-tensor entries of a pickled dict)."""
+    from cn_lightning.errors import UnsafeCheckpointError
+    from cn_lightning.utils.checkpoints import safe_torch_load
+
     path = Path(path)
     if not path.is_file():
         raise BackboneLoadError(f"{path}: no such file; expected a Stable Diffusion .safetensors or .ckpt checkpoint")
     if path.suffix.lower() not in _SUFFIXES:
         raise BackboneLoadError(f"{path}: expected a checkpoint file ending in {', '.join(_SUFFIXES)}")
+    records: dict[str, Any] = {}
     try:
         if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state: Any = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                records = dict(f.metadata() or {})
         else:
-            state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            state = safe_torch_load(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:  # any reader failure means "not a readable checkpoint"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = "" if trust_pickle else " (if it is a trusted pickle, pass trust_pickle=True)"
-        raise BackboneLoadError(f"{path}: cannot read it as a checkpoint{hint}: {first_line}") from exc
+        raise BackboneLoadError(f"{path}: cannot read it as a checkpoint: {first_line}") from exc
+    if isinstance(state, dict):
+        records |= {str(k): v for k, v in state.items() if isinstance(v, (str, int, float, bool))}
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         state = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
     if not state:
         raise BackboneLoadError(f"{path}: holds no tensors; expected a Stable Diffusion state dict")
-    return state
+    return state, records
+
+
+# Where checkpoints record their prediction type: Stability's model spec (safetensors metadata),
+# kohya-ss trainers, and plain keys some converters write.
+_PREDICTION_KEYS = ("modelspec.prediction_type", "prediction_type", "parameterization", "ss_v_parameterization")
+_PREDICTION_VALUES = {
+    "v": "v_prediction", "v_prediction": "v_prediction", "v-prediction": "v_prediction", "true": "v_prediction",
+    "eps": "epsilon", "epsilon": "epsilon", "false": "epsilon",
+}
+
+
+def recorded_prediction_type(records: dict[str, Any]) -> str | None:
+    """``"v_prediction"`` / ``"epsilon"`` when the file records it (see ``_PREDICTION_KEYS``), else ``None``."""
+    for key in _PREDICTION_KEYS:
+        value = records.get(key)
+        if value is not None and str(value).strip().lower() in _PREDICTION_VALUES:
+            return _PREDICTION_VALUES[str(value).strip().lower()]
+    return None
 
 
 def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict>") -> str:
@@ -95,9 +132,19 @@ def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict
     )
 
 
-def _resolve_variant(family: str, variant: str | None, path: Path) -> str:
+def _resolve_variant(family: str, variant: str | None, path: Path, prediction: str | None = None) -> str:
+    """The shipped config to use: ``variant`` if given, else SD1 -> ``sd15``; SD2 -> by the recorded
+    prediction type (v -> ``sd21``, epsilon -> ``sd21-base``), which the weights cannot tell."""
     if variant is None:
-        return "sd15" if family == "sd1" else DEFAULT_SD2_VARIANT
+        if family == "sd1":
+            return "sd15"
+        if prediction is None:
+            raise BackboneLoadError(
+                f"{path}: SD2.x weights do not say whether this is the 768 px v-prediction or the 512 px "
+                "epsilon model and the file records no prediction type: set model.variant=sd21 (768, v) or "
+                "model.variant=sd21-base (512, epsilon) (--variant for generate/evaluate)"
+            )
+        return SD2_VARIANT_BY_PREDICTION[prediction]
     config_dir(variant)  # validates the name
     if (family == "sd1") != (variant == "sd15"):
         raise BackboneLoadError(f"{path}: holds {family.upper()} weights but variant={variant!r} was requested")
@@ -178,26 +225,35 @@ def load_single_file_components(
     *,
     variant: str | None = None,
     config_dir_override: str | Path | None = None,
-    trust_pickle: bool = False,
     torch_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Build ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``noise_scheduler`` from one SD file.
 
     ``variant`` is ``"sd15"``, ``"sd21"`` (768 px, v-prediction) or ``"sd21-base"`` (512 px,
-    epsilon); by default it is read from the weights (SD2 weights -> ``"sd21"``).
+    epsilon). Without it, SD1 weights give ``"sd15"``; SD2 weights need the prediction type recorded
+    in the file (safetensors metadata ``modelspec.prediction_type`` / ``ss_v_parameterization``,
+    or a ``prediction_type`` / ``parameterization`` entry of a pickled checkpoint), else this
+    raises asking for the variant. A recorded prediction type also sets the scheduler's
+    ``prediction_type`` (e.g. an SD1.5 v-prediction fine-tune); an explicit ``variant`` wins.
     ``config_dir_override`` points at another diffusers-layout config folder (e.g. a scaled-down
-    test architecture); the family is still checked against the weights.
+    test architecture, its scheduler config then decides); the family is still checked.
     Raises :class:`BackboneLoadError` (a ``ValueError``) naming the path and what was expected.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
     path = Path(path)
-    state_dict = load_checkpoint(path, trust_pickle=trust_pickle)
+    state_dict, records = _read_checkpoint(path)
     family = detect_family(state_dict, path)
-    chosen = _resolve_variant(family, variant, path)
-    configs = Path(config_dir_override) if config_dir_override is not None else config_dir(chosen)
+    prediction = recorded_prediction_type(records) if variant is None else None
+    if config_dir_override is not None:
+        _resolve_variant(family, variant or ("sd15" if family == "sd1" else "sd21"), path)  # family check
+        configs = Path(config_dir_override)
+        chosen = variant or configs.name
+    else:
+        chosen = _resolve_variant(family, variant, path, prediction)
+        configs = config_dir(chosen)
     unet_config = json.loads((configs / "unet" / "config.json").read_text())
     _check_architecture(state_dict, unet_config, path)
 
@@ -220,5 +276,15 @@ def load_single_file_components(
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": load_clip_tokenizer(configs / "tokenizer"),
-        "noise_scheduler": DDPMScheduler.from_pretrained(str(configs), subfolder="scheduler", local_files_only=True),
+        "noise_scheduler": _scheduler(configs, prediction),
     }
+
+
+def _scheduler(configs: Path, prediction: str | None) -> Any:
+    """The config folder's training scheduler, with the file's recorded prediction type if any."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(str(configs), subfolder="scheduler", local_files_only=True)
+    if prediction is not None and scheduler.config.prediction_type != prediction:
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction)
+    return scheduler
