@@ -12,11 +12,14 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cn_lightning.errors import CnLightningError, ConfigError
+from cn_lightning.errors import CnLightningError, ConfigError, NumericsError
 from cn_lightning.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -44,12 +47,48 @@ def find_resume_checkpoint(cfg: DictConfig) -> str | None:
         return str(path)
     if cfg.get("resume", "auto") != "auto":
         return None
-    run_dir = Path(cfg.paths.output_dir)
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [c for c in candidates if c.exists()]
-    if not existing:
-        return None
-    return str(max(existing, key=lambda c: c.stat().st_mtime))
+    from cn_lightning.utils.checkpoints import newest_run_checkpoint
+
+    newest = newest_run_checkpoint(cfg.paths.output_dir)
+    return str(newest) if newest else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a Lightning checkpoint (file or DeepSpeed directory) was saved at."""
+    from cn_lightning.utils.checkpoints import safe_torch_load
+
+    path = Path(path)
+    deepspeed = path.is_dir()
+    if deepspeed:  # Lightning's state is the client state of rank 0's model-states file
+        files = sorted(path.glob("*/mp_rank_00_model_states.pt")) or sorted(
+            path.glob("*/*model_states.pt")
+        )
+        if not files:
+            raise ConfigError(f"{str(path)!r} holds no DeepSpeed model states to resume from")
+        path = files[0]
+    state = safe_torch_load(path, mmap=True, deepspeed=deepspeed)
+    return int(state.get("global_step", 0)) if isinstance(state, dict) else 0
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, precision and strategy pairs that cannot train a
+    ControlNet correctly, rather than crashing or degrading mid-run."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    strategy = cfg.trainer.get("strategy", "auto")
+    if precision in ("bf16-true", "16-true", "bf16", "16", "half") and not uses_deepspeed(strategy):
+        raise ConfigError(
+            f"trainer.precision={precision} casts the trainable ControlNet itself to half "
+            "precision, with no fp32 master weights, under this strategy: use bf16-mixed (or "
+            "16-mixed), or a DeepSpeed strategy, which keeps fp32 master weights"
+        )
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision in ("16-mixed", "16") and on_cpu and not uses_deepspeed(strategy):
+        # Lightning would silently train in bf16 instead.
+        raise ConfigError(
+            f"trainer.precision={precision} (fp16 autocast with loss scaling) needs a GPU; on "
+            "the CPU use trainer.precision=bf16-mixed"
+        )
 
 
 def uses_deepspeed(strategy: object) -> bool:
@@ -130,6 +169,23 @@ class _StartStepReporter(L.Callback):
 
 def train(cfg: DictConfig) -> dict:
     """Compose everything from ``cfg``, fit, export the ControlNet; return the final metrics."""
+    from cn_lightning.utils.checkpoints import install_safe_loading
+
+    install_safe_loading()  # every checkpoint read, ours and DeepSpeed's, with an allow-list
+    check_precision(cfg)
+    resume_from = find_resume_checkpoint(cfg)
+    done = checkpoint_step(resume_from) if resume_from else 0
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    if resume_from and 0 < max_steps <= done:
+        # Before anything is built or logged: a finished run is left exactly as it is.
+        if rank_zero_only.rank == 0:
+            print(
+                f"[cn_lightning] this run already finished: {resume_from} holds step {done} of "
+                f"trainer.max_steps={max_steps}; nothing to do (raise trainer.max_steps to "
+                "train on, or set hydra.run.dir for a new run)",
+                flush=True,
+            )
+        return {}
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     # The model first: a wrong model path is the most common mistake and fails fastest.
@@ -143,9 +199,8 @@ def train(cfg: DictConfig) -> dict:
     hparams["scale"] = global_batch(cfg, trainer)
     for logger in loggers:
         logger.log_hyperparams(hparams)
-    resume_from = find_resume_checkpoint(cfg)
     if resume_from and trainer.is_global_zero:
-        print(f"[cn_lightning] resuming from {resume_from}", flush=True)
+        print(f"[cn_lightning] resuming from {resume_from} (step {done})", flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_controlnet", True):
@@ -161,15 +216,35 @@ def export_trained_controlnet(trainer: L.Trainer, module, out: Path) -> None:
 
     Works under every strategy: the trainable weights are gathered first (fp32 master weights
     under DeepSpeed, sharded parameters under ZeRO-3 / FSDP), a collective step every rank runs.
+    With ``sd_locked: false`` the decoder trained too: the full UNet it ran with (the base
+    model's fp32 UNet with the trained decoder) is written next to it, ``<run>/unet/``.
     """
     from cn_lightning.utils.checkpoints import gather_trainable_state_dict
-    from cn_lightning.utils.export import controlnet_from_trainable_state, save_controlnet_folder
+    from cn_lightning.utils.export import (
+        UNET_FOLDER,
+        controlnet_from_trainable_state,
+        decoder_state_from_trainable,
+        save_controlnet_folder,
+        save_unet_folder,
+        trained_unet,
+    )
 
     state = gather_trainable_state_dict(trainer, module)
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NumericsError(
+            f"not exporting {out}: {len(bad)} trained tensors are not finite (e.g. {bad[0]})"
+        )
     if trainer.is_global_zero:
         controlnet = controlnet_from_trainable_state(module.controlnet.config, state)
         save_controlnet_folder(controlnet, out)
         print(f"[cn_lightning] exported ControlNet to {out}")
+        decoder = decoder_state_from_trainable(state)
+        if decoder:
+            hparams = module.hparams
+            unet = trained_unet(hparams.pretrained_model_path, decoder, hparams.get("variant"))
+            save_unet_folder(unet, out.parent / UNET_FOLDER)
+            print(f"[cn_lightning] exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}")
     trainer.strategy.barrier("export_controlnet")
 
 
@@ -215,8 +290,19 @@ def print_wandb_sync_hint(loggers: list) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
+    except SIGTERMException:
+        # RunCheckpoint saved last.ckpt at the step boundary (unless mid-accumulation).
+        if rank_zero_only.rank == 0:
+            print(
+                "[cn_lightning] stopped by SIGTERM; relaunch the same command to resume from "
+                f"{Path(cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}",
+                file=sys.stderr,
+            )
+        sys.exit(128 + 15)
     except (CnLightningError, OmegaConfBaseException, InstantiationException) as err:
-        print(f"cn_lightning: error: {user_message(err)}", file=sys.stderr)
+        # Every rank meets the same error (the checks agree across ranks); one line says it.
+        if rank_zero_only.rank == 0:
+            print(f"cn_lightning: error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -143,3 +143,61 @@ def write_condition_shards(out: Path, num_samples: int = 16, size: int = 32,
     for s in range(0, num_samples, per_shard):
         write_shard_atomic(str(out / f"cond-{s // per_shard:06d}.tar"), samples[s:s + per_shard])
     return str(out)
+
+
+class DrawRecorder(L.Callback):
+    """Records, per optimizer step, the timesteps and the first noise values each rank drew;
+    writes ``<out_dir>/draws_rank<R>.json`` ({step: [timesteps, noise]}) at the end."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.draws: dict[int, list] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        scheduler = pl_module.noise_scheduler
+        add_noise = scheduler.add_noise
+
+        def recording(latents, noise, timesteps):
+            self.draws[trainer.global_step] = [timesteps.tolist(), noise.flatten()[:8].tolist()]
+            return add_noise(latents, noise, timesteps)
+
+        scheduler.add_noise = recording
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"draws_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.draws))
+
+
+class DtypeRecorder(L.Callback):
+    """Writes ``<out_dir>/dtypes_rank<R>.json`` after the first training batch: the dtypes of
+    the branch's weights, of the optimizer's (master) weights, of the frozen parts and of the
+    loss."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.done = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.done:
+            return
+        self.done = True
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is None:
+            optimizer = trainer.optimizers[0]
+            master = {str(p.dtype) for g in optimizer.param_groups for p in g["params"]}
+        else:  # the fp32 partitions DeepSpeed's ZeRO-3 / ZeRO-1,2 optimizer steps
+            zero = engine.optimizer
+            flat = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+                zero, "single_partition_of_fp32_groups", [])
+            master = {str(t.dtype) for t in flat}
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        dtypes = {
+            "branch": str(pl_module.controlnet.conv_in.weight.dtype),
+            "master": sorted(master),
+            "vae": str(pl_module.vae.dtype),
+            "text_encoder": str(pl_module.text_encoder.dtype),
+            "loss": str(loss.dtype),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"dtypes_rank{trainer.global_rank}.json").write_text(json.dumps(dtypes))

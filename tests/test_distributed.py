@@ -19,6 +19,24 @@ from cn_lightning.errors import CheckpointFormatError
 from cn_lightning.train import find_resume_checkpoint
 from cn_lightning.utils.checkpoints import load_trainable_state_dict
 
+BRANCH_DTYPE = {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16",
+                "bf16-true": "torch.bfloat16", "16-mixed": "torch.float16"}
+
+
+def recorders(run_dir: Path) -> list[str]:
+    return ["+callbacks.dtypes._target_=distributed_helpers.DtypeRecorder",
+            f"+callbacks.dtypes.out_dir={run_dir / 'dtypes'}"]
+
+
+def assert_dtypes(run_dir: Path, branch: str, ranks: int = 2, frozen: str = "torch.float32"):
+    """Every rank trained fp32 master weights with an fp32 loss; the branch ran in ``branch``
+    and the frozen VAE and text encoder in ``frozen``."""
+    for rank in range(ranks):
+        d = json.loads((run_dir / "dtypes" / f"dtypes_rank{rank}.json").read_text())
+        assert d == {"branch": branch, "master": ["torch.float32"], "vae": frozen,
+                     "text_encoder": frozen, "loss": "torch.float32"}, d
+
+
 
 @pytest.fixture(scope="module")
 def circle_shards(tmp_path_factory) -> str:
@@ -45,8 +63,9 @@ def test_ddp_two_processes_train_checkpoint_export_on_different_data(
     tiny_sd_path, circle_shards, tmp_path
 ):
     run_dir = tmp_path / "run"
-    args = tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=4) + [
-        "strategy=ddp", "trainer.devices=2",
+    args = tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=4) + recorders(run_dir) + [
+        "strategy=ddp", "trainer.devices=2", "trainer.precision=bf16-mixed",
+        "model.frozen_dtype=bf16",
         "+callbacks.keys._target_=distributed_helpers.BatchKeyRecorder",
         f"+callbacks.keys.out_dir={run_dir / 'keys'}",
     ]
@@ -62,24 +81,40 @@ def test_ddp_two_processes_train_checkpoint_export_on_different_data(
     assert saved["global_step"] == 4
     assert not [k for k in saved["state_dict"] if not k.startswith("controlnet.")]
     assert_export_matches(run_dir, checkpoint)
+    # bf16 autocast: the branch keeps fp32 weights, the frozen parts follow frozen_dtype.
+    assert_dtypes(run_dir, "torch.float32", frozen="torch.bfloat16")
 
 
-def _deepspeed_args(tiny_sd_path: str, shards: str, run_dir: Path, stage: int, steps: int) -> list[str]:
-    return tiny_run_overrides(tiny_sd_path, shards, run_dir, steps=steps) + [
-        f"strategy=deepspeed_stage_{stage}",
+def _deepspeed_args(tiny_sd_path: str, shards: str, run_dir: Path, stage: int, steps: int,
+                    precision: str) -> list[str]:
+    return tiny_run_overrides(tiny_sd_path, shards, run_dir, steps=steps) + recorders(run_dir) + [
+        f"strategy=deepspeed_stage_{stage}", f"trainer.precision={precision}",
         "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
         "trainer.devices=2",
         "logical_batch_size=8",  # 2 per device x 2 ranks x 2 accumulation
     ]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+SLOW = pytest.mark.slow
+
+
+# The recipe users run (bf16-mixed) in the default suite; the other precisions DeepSpeed runs
+# on CPU in the slow one.
+@pytest.mark.parametrize(
+    "stage,precision",
+    [(2, "bf16-mixed"), (3, "bf16-mixed"),
+     pytest.param(2, "32-true", marks=SLOW), pytest.param(3, "32-true", marks=SLOW),
+     pytest.param(2, "16-mixed", marks=SLOW), pytest.param(3, "16-mixed", marks=SLOW),
+     pytest.param(2, "bf16-true", marks=SLOW), pytest.param(3, "bf16-true", marks=SLOW)],
+)
 def test_deepspeed_two_processes_train_checkpoint_resume_export(
-    stage, tiny_sd_path, circle_shards, tmp_path
+    stage, precision, tiny_sd_path, circle_shards, tmp_path
 ):
     run_dir = tmp_path / "run"
     env = subprocess_env(tmp_path)
-    first = run_train(_deepspeed_args(tiny_sd_path, circle_shards, run_dir, stage, 2), env, tmp_path)
+    first = run_train(
+        _deepspeed_args(tiny_sd_path, circle_shards, run_dir, stage, 2, precision), env, tmp_path
+    )
     assert "global batch = 2 per device x 2 devices x 2 accumulation = 8" in first.stdout
     assert "training starts at step 0" in first.stdout
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -93,7 +128,10 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(
         assert not model_states.get("frozen_param_shapes")
     assert_export_matches(run_dir, checkpoint)
 
-    second = run_train(_deepspeed_args(tiny_sd_path, circle_shards, run_dir, stage, 4), env, tmp_path)
+    assert_dtypes(run_dir, BRANCH_DTYPE[precision])
+    second = run_train(
+        _deepspeed_args(tiny_sd_path, circle_shards, run_dir, stage, 4, precision), env, tmp_path
+    )
     assert f"resuming from {checkpoint}" in second.stdout
     assert "training starts at step 2" in second.stdout
     assert (run_dir / "checkpoints" / "step_0000004.ckpt").is_dir()
