@@ -13,7 +13,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -203,6 +203,26 @@ def manifest_num_samples(spec: str | list[str]) -> int | None:
         return None
 
 
+def tar_samples(stream, url: str) -> Iterator[dict[str, bytes | str]]:
+    """The members of an open tar stream grouped into raw samples by key (WebDataset's
+    convention): ``{"__key__", "__url__", ext: bytes}``, each yielded once it is complete. If the
+    tar breaks off, the sample being read is not yielded and the error propagates."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    current: dict[str, bytes | str] | None = None
+    for member in tar_file_iterator(stream):
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        current[ext.lower()] = member["data"]
+    if current is not None:
+        yield current
+
+
 # ----------------------------------------------------------------------- checks before training
 def read_first_samples(url: str, max_samples: int = 1) -> list[dict[str, bytes | str]]:
     """Up to ``max_samples`` raw samples (``{"__key__", "__url__", ext: bytes}``) from the start
@@ -213,26 +233,14 @@ def read_first_samples(url: str, max_samples: int = 1) -> list[dict[str, bytes |
     a whole sample was read before; an empty tar gives ``[]``.
     """
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
     stream = gopen(url, "rb")
     samples: list[dict[str, bytes | str]] = []
-    current: dict[str, bytes | str] | None = None
     try:
-        for member in tar_file_iterator(stream):
-            key, ext = base_plus_ext(member["fname"])
-            if key is None:
-                continue
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    samples.append(current)
-                    if len(samples) >= max_samples:
-                        break
-                current = {"__key__": key, "__url__": url}
-            current[ext.lower()] = member["data"]
-        else:
-            if current is not None:
-                samples.append(current)
+        for sample in tar_samples(stream, url):
+            samples.append(sample)
+            if len(samples) >= max_samples:
+                break
     except Exception as err:
         if samples:
             return samples  # broke off later: the stream skips and counts that part

@@ -21,10 +21,15 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from cn_lightning.conditions import is_discrete
-from cn_lightning.data.format import IMAGE_EXTS, LATENT_EXT, decode_image, decode_npy
+from cn_lightning.data.format import (
+    IMAGE_EXTS,
+    LATENT_EXT,
+    decode_image,
+    decode_npy,
+    tar_samples,
+)
 from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
 
 log = logging.getLogger(__name__)
@@ -111,20 +116,9 @@ def iter_tar(url: str, counter: SkipCounter) -> Iterator[dict[str, bytes | str]]
     except Exception as err:
         counter.skip("open_error", url, str(err))
         return
-    current: dict[str, bytes | str] | None = None
     try:
         with closing(stream):
-            for member in tar_file_iterator(stream):
-                key, ext = base_plus_ext(member["fname"])
-                if key is None:
-                    continue
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = member["data"]
-        if current is not None:
-            yield current
+            yield from tar_samples(stream, url)
     except Exception as err:  # the sample being read when the tar broke off is dropped
         counter.skip("corrupt_tar", url, f"{type(err).__name__}: {err}")
 
