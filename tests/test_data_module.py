@@ -275,3 +275,20 @@ def test_cached_latents_are_batched_and_need_centre_crop(tmp_path):
     assert batch["latent"][2].eq(2).all()
     with pytest.raises(ValueError, match="centre crop"):
         dm_for(shards, use_cached_latents=True, random_flip=True)
+
+
+def test_stream_position_is_checkpointed_and_a_changed_layout_is_reported(
+    tmp_path, circles, caplog
+):
+    """The datamodule's state (saved in every checkpoint) holds the position and what it
+    depends on; resuming with other workers says the samples will differ."""
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5)
+    trainer(tmp_path, max_steps=5, callbacks=[every]).fit(
+        TinyModule(), datamodule=dm_for(circles, num_workers=1)
+    )
+    ckpt = torch.load(next((tmp_path / "ck").glob("*.ckpt")), weights_only=True)
+    assert ckpt["ShardDataModule"] == {"epoch": 0, "batches_done": 5, "num_workers": 1,
+                                       "world_size": 1, "seed": 0}
+    with caplog.at_level("WARNING"):
+        dm_for(circles, num_workers=2).load_state_dict(ckpt["ShardDataModule"])
+    assert "num_workers 1 -> 2 changed since the checkpoint" in caplog.text

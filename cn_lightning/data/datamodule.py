@@ -157,6 +157,25 @@ class ShardDataModule(L.LightningDataModule):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return int(trainer.current_epoch), int(done)
 
+    # The stream position goes into checkpoints (Lightning saves a datamodule's state_dict),
+    # with what it depends on: a resume with other workers or ranks cannot replay the stream.
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        epoch, done = self.resume_position() if trainer is not None else (0, 0)
+        _, world_size = self._rank_world()
+        return {"epoch": epoch, "batches_done": done, "num_workers": self.num_workers,
+                "world_size": world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        _, world_size = self._rank_world()
+        now = {"num_workers": self.num_workers, "world_size": world_size, "seed": self.seed}
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+        if changed:
+            log.warning(
+                "[cn_lightning] the data stream resumes at epoch %s after %s batches, but not with "
+                "the same samples as an uninterrupted run: %s changed since the checkpoint",
+                state.get("epoch"), state.get("batches_done"), ", ".join(changed))
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:

@@ -139,6 +139,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         self.numerics = NonFiniteGuard(max_consecutive_nonfinite)
         # (optimizer step, micro-batches seen in it): the key of each micro-batch's generator.
         self._micro = (-1, 0)
+        self._rng_step = -1
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -300,6 +301,15 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         pred = self(noisy, timesteps, text_embeddings, batch["condition"].float())
         target = self.diffusion_target(latents, noise, timesteps)
         return F.mse_loss(pred, target.float(), reduction="mean")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The global RNGs (python, numpy, torch, CUDA) restart from (seed, rank, step) at every
+        # optimizer step, so anything drawing from them also differs by rank and resumes
+        # exactly, with no state to carry in a checkpoint. The step itself uses step_generator.
+        step = self.trainer.global_step
+        if self._rng_step != step:
+            self._rng_step = step
+            _seed_global_rngs(derive_seed(self.hparams.seed, self.global_rank, step, 2**31))
 
     def step_generator(self) -> torch.Generator:
         """A CPU generator for the current micro-batch, seeded by (seed, global rank,
@@ -479,6 +489,16 @@ def _device_generator(
         return None
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def _finite(param: torch.Tensor) -> bool:
