@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+
+class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` whose checkpoint directories appear whole or not at all.
+
+    DeepSpeed writes a checkpoint as a directory of per-rank shards; a job killed mid-write
+    (a preemption's SIGKILL) would leave ``last.ckpt/`` half-written and unloadable. Every rank
+    writes into ``<name>.tmp/`` first; once all have finished, rank 0 swaps it into place
+    (the previous one is kept as ``<name>.old/`` for the instant between two renames, and
+    resuming falls back to it). Checkpoints must be on a file system every rank shares.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        path = Path(filepath)
+        tmp = path.with_name(path.name + ".tmp")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier("cn_checkpoint_start")
+        super().save_checkpoint(checkpoint, str(tmp), storage_options)
+        self.barrier("cn_checkpoint_written")
+        if self.is_global_zero:
+            replace_directory(tmp, path)
+        self.barrier("cn_checkpoint_done")
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move the directory ``src`` to ``dst``, replacing it; ``dst`` or ``dst.old`` always exists."""
+    old = dst.with_name(dst.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def fsdp_wrap_classes() -> set[type]:

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from cn_lightning.strategies import AtomicDeepSpeedStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """``DeepSpeedStrategy`` on CPU processes (gloo): tests only."""
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
+    """The project's ``DeepSpeedStrategy`` on CPU processes (gloo): tests only."""
 
     @property
     def root_device(self) -> torch.device:

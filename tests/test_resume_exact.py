@@ -72,6 +72,16 @@ def _weights(run_dir: Path) -> dict:
              "+callbacks.draws.out_dir=${paths.output_dir}/draws"],
             id="ddp-2-ranks-bf16-finite-epochs",
         ),
+        *[
+            pytest.param(
+                [f"strategy=deepspeed_stage_{stage}", "trainer.devices=2",
+                 "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
+                 "trainer.precision=bf16-mixed", "data.samples_per_epoch=24",
+                 "logical_batch_size=8"],  # 2 per rank x 2 ranks x 2 accumulation
+                id=f"zero{stage}-2-ranks-bf16-accumulation", marks=pytest.mark.slow,
+            )
+            for stage in (2, 3)
+        ],
     ],
 )
 def test_killed_and_relaunched_run_equals_uninterrupted(tiny_sd_path, circle_shards, tmp_path,
@@ -82,7 +92,8 @@ def test_killed_and_relaunched_run_equals_uninterrupted(tiny_sd_path, circle_sha
     assert checkpoint_step(whole / "checkpoints" / "last.ckpt") == STEPS
 
     args = _args(tiny_sd_path, circle_shards, broken, extra)
-    # The first last.ckpt is step 4's (written right after step_0000004.ckpt).
+    # The first last.ckpt is step 4's (written right after step_0000004.ckpt; DeepSpeed's
+    # directory appears whole, with its "latest" file).
     _kill_after_checkpoint(args, env, tmp_path, broken / "checkpoints" / "last.ckpt")
     assert not (broken / "controlnet").exists()
     relaunched = run_train(args, env, tmp_path)

@@ -252,7 +252,10 @@ def newest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning writes when SLURM signals a
     requeue (files or DeepSpeed directories); None when there is none."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():  # killed between the two renames of an atomic DeepSpeed save
+        last = last.with_name("last.ckpt.old")
+    candidates = [last, *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [c for c in candidates if c.exists()]
     return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
 
