@@ -11,11 +11,15 @@ on them with ``data.use_cached_latents=true`` (which requires centre crop and no
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Queue
 
 import numpy as np
 import torch
@@ -34,7 +38,7 @@ from cn_lightning.data.format import (
     write_shard_atomic,
 )
 from cn_lightning.data.stream import SkipCounter, iter_tar
-from cn_lightning.data.transforms import center_crop_resize, image_to_tensor
+from cn_lightning.data.transforms import center_crop_resize
 from data_prep.common import STATS_DIR, die, resolve_parts
 
 
@@ -49,44 +53,97 @@ def load_vae(model: str, device: torch.device, dtype: torch.dtype):
     return vae.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_batch(vae, images: list[np.ndarray], device: torch.device) -> np.ndarray:
-    """uint8 RGB (R,R,3) images → float16 (B,C,h,w) posterior means, unscaled."""
-    x = torch.stack([image_to_tensor(im) for im in images]).to(device, vae.dtype)
+    """uint8 RGB (R,R,3) images → float16 (B,C,h,w) posterior means, unscaled.
+
+    The images go to the device as uint8 (4x fewer bytes; pinned memory on CUDA) and are scaled
+    to [-1, 1] there, with the same float32 arithmetic as ``image_to_tensor``.
+    """
+    x = torch.from_numpy(np.stack(images))
+    if device.type == "cuda":
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+    x = (x / 127.5 - 1.0).to(vae.dtype)  # NCHW as before: the same latents, bit for bit
     return vae.encode(x).latent_dist.mean.float().cpu().numpy().astype(np.float16)
 
 
-def _with_latents(url: str, vae, resolution: int, batch_size: int, device, rejected: list,
-                  vae_path: str) -> Iterator[dict]:
-    """The samples of one shard with ``latent.npy`` added, encoded in batches."""
+def _prepared_batches(url: str, resolution: int, batch_size: int, rejected: list,
+                      pool: ThreadPoolExecutor | None) -> Iterator[list[tuple[dict, np.ndarray]]]:
+    """Batches of (sample without ``__url__``/old latent, centre crop) of one shard; the images
+    are decoded and cropped by ``pool``'s threads (OpenCV releases the GIL)."""
     counter = SkipCounter()
-    pending: list[tuple[dict, np.ndarray]] = []
 
-    def flush():
-        latents = encode_batch(vae, [im for _, im in pending], device)
-        for (sample, _), latent in zip(pending, latents, strict=True):
+    def prepare(raw: dict) -> tuple[dict, np.ndarray | None]:
+        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        image = decode_image(raw[image_ext]) if image_ext else None
+        sample = {k: v for k, v in raw.items() if k != "__url__" and k != LATENT_EXT}
+        return sample, (center_crop_resize(image, resolution) if image is not None else None)
+
+    raws = iter_tar(url, counter)
+    while chunk := list(itertools.islice(raws, batch_size)):
+        batch = []
+        for sample, crop in (pool.map(prepare, chunk) if pool else map(prepare, chunk)):
+            if crop is None:
+                rejected.append({"input": f"{url}:{sample['__key__']}",
+                                 "reason": "unreadable_image"})
+            else:
+                batch.append((sample, crop))
+        if batch:
+            yield batch
+    for reason, n in counter.counts.items():
+        rejected.extend({"input": url, "reason": reason} for _ in range(n))
+
+
+def _prefetched(batches: Iterator, depth: int = 2) -> Iterator:
+    """``batches`` produced by a background thread, ``depth`` ahead of the consumer, so reading
+    and decoding the next batch overlaps the VAE on this one."""
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(done)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            queue.put(err)
+
+    thread = threading.Thread(target=produce, name="cache_latents-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                thread.join(0.01)
+
+
+def _with_latents(url: str, vae, resolution: int, batch_size: int, device, rejected: list,
+                  vae_path: str, pool: ThreadPoolExecutor | None = None,
+                  progress: tqdm | None = None) -> Iterator[dict]:
+    """The samples of one shard with ``latent.npy`` added, encoded in batches."""
+    batches = _prepared_batches(url, resolution, batch_size, rejected, pool)
+    for batch in _prefetched(batches) if pool else batches:
+        latents = encode_batch(vae, [crop for _, crop in batch], device)
+        for (sample, _), latent in zip(batch, latents, strict=True):
             meta = json.loads(sample.get("json", b"{}") or b"{}")
             meta["latent"] = {"resolution": resolution, "crop": "center", "vae": vae_path,
                               "shape": list(latent.shape), "scaled": False}
             sample["json"] = json.dumps(meta).encode()
             sample[LATENT_EXT] = encode_npy(latent)
             yield sample
-        pending.clear()
-
-    for raw in iter_tar(url, counter):
-        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        image = decode_image(raw[image_ext]) if image_ext else None
-        if image is None:
-            rejected.append({"input": f"{url}:{raw['__key__']}", "reason": "unreadable_image"})
-            continue
-        sample = {k: v for k, v in raw.items() if k != "__url__" and k != LATENT_EXT}
-        pending.append((sample, center_crop_resize(image, resolution)))
-        if len(pending) == batch_size:
-            yield from flush()
-    if pending:
-        yield from flush()
-    for reason, n in counter.counts.items():
-        rejected.extend({"input": url, "reason": reason} for _ in range(n))
+        if progress is not None:
+            progress.update(len(batch))
 
 
 def build_manifest(out: str, source: dict | None, info: dict, num_shards: int) -> dict:
@@ -116,9 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resolution", type=int, default=None,
                         help="crop size (default: the input manifest's resolution)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per VAE forward pass (default 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device of the VAE (default: cuda when present, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="VAE precision (default float32; the latents are stored as float16)")
+    parser.add_argument("--decode-threads", type=int, default=2,
+                        help="threads reading and decoding the next batch while the VAE encodes "
+                             "this one (0: in the main thread; default 2)")
     parser.add_argument("--num-parts", type=int, default=None)
     parser.add_argument("--part-index", type=int, default=None)
     args = parser.parse_args(argv)
@@ -135,29 +198,57 @@ def main(argv: list[str] | None = None) -> None:
     num_parts, part_index = resolve_parts(args.num_parts, args.part_index)
     os.makedirs(os.path.join(args.out, STATS_DIR), exist_ok=True)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input shape per run
     vae = load_vae(args.model, device, getattr(torch, args.dtype))
     info = {"resolution": resolution, "crop": "center", "vae": os.path.abspath(args.model),
             "dtype": "float16", "statistic": "posterior mean", "scaled": False}
 
     mine = [u for i, u in enumerate(urls) if i % num_parts == part_index]
-    for url in tqdm(mine, desc="cache_latents", unit="shard"):
-        name = os.path.basename(url)
-        stats_path = os.path.join(args.out, STATS_DIR, name.replace(".tar", ".json"))
-        if os.path.exists(os.path.join(args.out, name)) and os.path.exists(stats_path):
-            continue  # finished by an earlier run
-        rejected: list[dict] = []
-        start = time.perf_counter()
-        samples = _with_latents(url, vae, resolution, args.batch_size, device, rejected,
-                                info["vae"])
-        count, nbytes = write_shard_atomic(os.path.join(args.out, name), samples)
-        write_json_atomic(stats_path, {"name": name, "num_samples": count, "bytes": nbytes,
-                                       "rejected": rejected,
-                                       "seconds": time.perf_counter() - start})
+    todo = [u for u in mine if not _finished(args.out, os.path.basename(u))]
+    pool = ThreadPoolExecutor(args.decode_threads) if args.decode_threads > 0 else None
+    progress = tqdm(total=_expected_samples(source, todo), desc="cache_latents", unit="sample")
+    encoded, start_all = 0, time.perf_counter()
+    try:
+        for url in todo:
+            name = os.path.basename(url)
+            rejected: list[dict] = []
+            start = time.perf_counter()
+            samples = _with_latents(url, vae, resolution, args.batch_size, device, rejected,
+                                    info["vae"], pool, progress)
+            count, nbytes = write_shard_atomic(os.path.join(args.out, name), samples)
+            write_json_atomic(_stats_path(args.out, name),
+                              {"name": name, "num_samples": count, "bytes": nbytes,
+                               "rejected": rejected, "seconds": time.perf_counter() - start})
+            encoded += count
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - start_all
     manifest = build_manifest(args.out, source, info, len(urls))
     write_json_atomic(os.path.join(args.out, MANIFEST_NAME), manifest)
+    rate = f"{encoded / seconds:.2f} samples/s" if encoded and seconds > 0 else "nothing to do"
     print(f"[cache_latents] {manifest['num_samples']} samples with latents in "
-          f"{manifest['num_shards_done']}/{manifest['num_shards']} shards -> {args.out}")
+          f"{manifest['num_shards_done']}/{manifest['num_shards']} shards -> {args.out} "
+          f"(this run: {encoded} samples in {len(todo)} shards, {rate}, skipped "
+          f"{len(mine) - len(todo)} finished)")
 
+
+def _stats_path(out: str, name: str) -> str:
+    return os.path.join(out, STATS_DIR, name.replace(".tar", ".json"))
+
+
+def _finished(out: str, name: str) -> bool:
+    """Written by an earlier run: the shard and its stats file exist (the stats come last)."""
+    return os.path.exists(os.path.join(out, name)) and os.path.exists(_stats_path(out, name))
+
+
+def _expected_samples(source: dict | None, urls: list[str]) -> int | None:
+    """Samples in ``urls`` according to the input manifest (None when it does not say)."""
+    counts = {s.get("name"): s.get("num_samples") for s in (source or {}).get("shards", [])}
+    known = [counts.get(os.path.basename(u)) for u in urls]
+    return sum(known) if all(isinstance(n, int) for n in known) else None
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -33,7 +33,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+
+from cn_lightning import log
 
 DEFAULT_THRESHOLDS: dict[str, float | int] = {
     "min_effect": 0.1,
@@ -178,8 +179,8 @@ class SuddenConvergenceDetector(L.Callback):
             and trainer.global_step >= self.detected_step + self.stop_after_steps
         ):
             if not trainer.should_stop:
-                rank_zero_info(
-                    f"[cn_lightning] stopping at step {trainer.global_step}, "
+                log.info(
+                    f"stopping at step {trainer.global_step}, "
                     f"{self.stop_after_steps} steps after sudden convergence"
                 )
             trainer.should_stop = True
@@ -196,10 +197,10 @@ class SuddenConvergenceDetector(L.Callback):
         self.detected_step = step
         self.announced_at_step = trainer.global_step if step is not None else None
         if step is None:
-            rank_zero_info("[cn_lightning] sudden convergence withdrawn: the rise goes on (ramp)")
+            log.info("sudden convergence withdrawn: the rise goes on (ramp)")
         else:
-            rank_zero_info(
-                f"[cn_lightning] sudden convergence at step {step}: {self.metric} jumped from "
+            log.info(
+                f"sudden convergence at step {step}: {self.metric} jumped from "
                 f"its baseline (detected at step {trainer.global_step})"
             )
         if trainer.is_global_zero:

@@ -30,7 +30,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress import ProgressBar
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -190,40 +190,224 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-class StepProgressBar(RichProgressBar):
-    """Rich progress bar that also shows the optimizer step, ``max_steps`` and the run's ETA.
+class StepProgressBar(ProgressBar):
+    """A one-line progress bar in optimizer steps: ``step 123/1500``, samples/s, loss and ETA.
 
-    The loss and samples/s appear because they are logged with ``prog_bar=True``; the ETA comes
-    from the optimizer steps per second since the start of this fit (sampling included).
+    Counts optimizer steps (``trainer.global_step``), not batches, so it is right under gradient
+    accumulation, after a resume (it starts at the resumed step) and on an endless stream (no
+    epochs: the total is ``trainer.max_steps``, else Lightning's estimate when finite, else none).
+
+    - samples/s: samples of all ranks (per-device batch x world size) per wall-clock second over
+      the last 20 reads (about 10 s when batches are quick), sample grids included;
+    - ETA: the remaining steps at the optimizer-step rate since training started *in this
+      process* (a resumed run does not count the steps it did not run);
+    - loss: ``train/loss`` as logged with ``prog_bar=True``, plus any other progress-bar metric.
+
+    Cheap: a batch adds a counter and a clock read; the step and the logged values (which
+    Lightning already turns into Python numbers after every batch) are read at most
+    ``refresh_per_second`` times a second. On a terminal (or in Jupyter) it is a live Rich line,
+    redrawn from those values (so the clock moves during sample grids); elsewhere (a SLURM log, a
+    pipe) it prints a plain line at most every ``log_every_s`` seconds when the step moved, and
+    one at the end.
+
+    Args:
+        refresh_per_second: most reads (and redraws) per second.
+        leave: keep the finished bar on screen.
+        log_every_s: seconds between plain lines when the output is not a terminal.
+        console_kwargs: arguments of ``rich.console.Console`` (e.g. ``force_terminal``).
     """
 
-    def __init__(self, refresh_rate: int = 1, leave: bool = True) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self._fit_start: tuple[float, int] | None = None
+    def __init__(self, refresh_per_second: float = 2.0, leave: bool = True,
+                 log_every_s: float = 30.0, console_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.refresh_per_second = refresh_per_second
+        self.leave = leave
+        self.log_every_s = log_every_s
+        self.console_kwargs = dict(console_kwargs or {})
+        self._enabled = True
+        self._console = None
+        self._live = None
+        self._total: int | None = None
+        self._start: tuple[float, int] | None = None  # (clock, step) when this process started
+        self._step = 0
+        self._samples = 0
+        self._rates: collections.deque = collections.deque(maxlen=20)  # (clock, samples)
+        self._metrics: dict[str, Any] = {}
+        self._last_read = -math.inf
+        self._last_line: tuple[float, int] | None = None
+
+    # -------------------------------------------------------------------------- Lightning
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
 
     def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._fit_start = (time.perf_counter(), trainer.global_step)
+        now = time.perf_counter()
+        self._start = (now, trainer.global_step)
+        self._step, self._samples, self._metrics = trainer.global_step, 0, {}
+        self._rates.clear()
+        self._rates.append((now, 0))
+        self._last_line = None
+        self._total = _total_steps(trainer)
+        if not self._enabled:
+            return
+        from rich.console import Console
 
-    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        step, max_steps = trainer.global_step, trainer.max_steps
-        items["step"] = f"{step}/{max_steps}" if max_steps and max_steps > 0 else str(step)
-        eta = self.eta_seconds(step, max_steps)
-        if eta is not None:
-            items["eta"] = _format_seconds(eta)
-        return items
+        self._console = Console(**self.console_kwargs)
+        live = self._console.is_terminal or self._console.is_jupyter
+        if live and not self._console.is_dumb_terminal:
+            from rich.live import Live
 
-    def eta_seconds(self, step: int, max_steps: int) -> float | None:
-        if self._fit_start is None or not max_steps or max_steps <= 0:
+            self._live = Live(get_renderable=self._renderable, console=self._console,
+                              refresh_per_second=min(self.refresh_per_second, 4.0),
+                              transient=not self.leave, redirect_stdout=True,
+                              redirect_stderr=True)
+            self._live.start(refresh=True)
+        else:
+            self._print_line(now)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += _samples_in(batch) * max(1, trainer.world_size)
+        if not self._enabled or self._console is None:
+            return
+        now = time.perf_counter()
+        if now - self._last_read >= 1.0 / max(self.refresh_per_second, 1e-6):
+            self._read(trainer, now)
+            self._show(now)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._enabled and self._console is not None:
+            now = time.perf_counter()
+            self._read(trainer, now)
+            self._show(now, final=True)
+        self._stop()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # the console and the live display hold locks
+        state["_console"] = state["_live"] = None
+        return state
+
+    # ------------------------------------------------------------------------------ display
+    def status(self, now: float | None = None) -> dict[str, str]:
+        """The fields shown, in order: step, percent, samples/s, loss, other metrics, elapsed,
+        ETA (from the values read at the last refresh)."""
+        now = time.perf_counter() if now is None else now
+        step, total = self._step, self._total
+        out = {"step": f"step {step}/{total}" if total else f"step {step}"}
+        if total:
+            out["percent"] = f"{100 * min(step, total) / total:.0f}%"
+        rate = self.samples_per_second(now)
+        out["samples_per_s"] = f"{rate:.3g} samples/s" if rate is not None else "- samples/s"
+        metrics = {k: v for k, v in self._metrics.items()
+                   if k not in ("v_num", "perf/samples_per_s")}
+        loss = metrics.pop("train/loss", metrics.pop("loss", None))
+        out["loss"] = f"loss {_format_value(loss)}" if loss is not None else "loss -"
+        for name, value in metrics.items():
+            out[name] = f"{name} {_format_value(value)}"
+        if self._start is not None:
+            out["elapsed"] = f"elapsed {_format_seconds(now - self._start[0])}"
+        if total:
+            eta = self.eta_seconds(step, total, now)
+            out["eta"] = f"ETA {_format_seconds(eta)}" if eta is not None else "ETA -"
+        return out
+
+    def eta_seconds(self, step: int, max_steps: int | None, now: float | None = None
+                    ) -> float | None:
+        """Seconds to ``max_steps`` at the step rate since training started in this process."""
+        if self._start is None or not max_steps or max_steps <= 0:
             return None
-        start_time, start_step = self._fit_start
+        start_time, start_step = self._start
         done = step - start_step
-        if done <= 0:
+        elapsed = (time.perf_counter() if now is None else now) - start_time
+        if done <= 0 or elapsed <= 0:
             return None
-        rate = done / (time.perf_counter() - start_time)
-        return max(0.0, (max_steps - step) / rate)
+        return max(0.0, (max_steps - step) * elapsed / done)
+
+    def samples_per_second(self, now: float) -> float | None:
+        """Samples of all ranks per second over the last refreshes (``None`` before any)."""
+        if not self._rates or not self._samples:
+            return None
+        then, samples = self._rates[0]
+        return (self._samples - samples) / (now - then) if now > then else None
+
+    def _read(self, trainer, now: float) -> None:
+        """Take the step and the logged values (the only place that touches the trainer)."""
+        self._last_read = now
+        self._step = trainer.global_step
+        self._metrics = _scalars(trainer.progress_bar_metrics)
+        self._rates.append((now, self._samples))
+
+    def _show(self, now: float, final: bool = False) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            return
+        last = self._last_line
+        moved = last is None or self._step != last[1]
+        if moved and (final or last is None or now - last[0] >= self.log_every_s):
+            self._print_line(now)
+
+    def _print_line(self, now: float) -> None:
+        self._last_line = (now, self._step)
+        self._console.print(" | ".join(self.status(now).values()), markup=False,
+                            highlight=False, emoji=False, soft_wrap=True)
+
+    def _renderable(self):
+        from rich.progress_bar import ProgressBar as RichBar
+        from rich.table import Table
+        from rich.text import Text
+
+        fields = self.status()
+        grid = Table.grid(padding=(0, 1))
+        row = [Text(fields.pop("step"), style="bold")]
+        if self._total:
+            row.append(RichBar(total=self._total, completed=min(self._step, self._total),
+                               width=30))
+        row.append(Text(" • ".join(fields.values())))
+        grid.add_row(*row)
+        return grid
+
+    def _stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    """``max_steps``, else Lightning's estimate of the run's optimizer steps when finite."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        estimate = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - no estimate (endless stream): show no total
+        return None
+    return int(estimate) if math.isfinite(estimate) and estimate > 0 else None
+
+
+def _samples_in(batch: Any) -> int:
+    if isinstance(batch, dict) and "prompt" in batch:
+        return len(batch["prompt"])
+    return _batch_size(batch)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+            for k, v in metrics.items()}
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -232,14 +416,16 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def make_progress_bar(enabled: bool = True, refresh_rate: int = 1, leave: bool = True) -> L.Callback:
+def make_progress_bar(enabled: bool = True, refresh_per_second: float = 2.0, leave: bool = True,
+                      log_every_s: float = 30.0) -> L.Callback:
     """The :class:`StepProgressBar`, or a do-nothing callback when ``enabled`` is false.
 
     Lets the config follow ``trainer.enable_progress_bar``: Lightning refuses a progress-bar
     callback when the progress bar is disabled.
     """
     if enabled:
-        return StepProgressBar(refresh_rate=refresh_rate, leave=leave)
+        return StepProgressBar(refresh_per_second=refresh_per_second, leave=leave,
+                               log_every_s=log_every_s)
     return L.Callback()
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
+from cn_lightning import log
 from cn_lightning.data.stream import derive_seed
 from cn_lightning.errors import ConfigError, NumericsError
 from cn_lightning.models.backbone import freeze_backbone, load_backbone, parse_dtype
@@ -375,7 +376,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         optimizer.step(closure=optimizer_closure)
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         skipped_by_engine = engine is not None and not getattr(engine, "_step_applied", True)
-        self.numerics.end_step(self.trainer.global_step, skipped_by_engine, self.print)
+        self.numerics.end_step(self.trainer.global_step, skipped_by_engine, log.info)
 
     def _uses_deepspeed(self) -> bool:
         return getattr(self.trainer.strategy, "deepspeed_engine", None) is not None
