@@ -493,8 +493,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sampler", default="ddim", choices=("ddim", "unipc"), help="scheduler (default ddim)")
     p.add_argument("--fid-weights", help="local Inception weights file for FID (torch-fidelity's pt_inception-*.pth)")
     p.add_argument(
-        "--fid-feature", type=int, default=2048, choices=(64, 192, 768, 2048),
-        help="Inception feature layer for FID (default 2048, the standard one)",
+        "--fid-feature", type=int, default=None, choices=(64, 192, 768, 2048),
+        help="Inception feature layer for FID, with --fid-weights (default 2048, the standard one)",
     )
     p.add_argument("--clip-model", help="open_clip architecture (e.g. ViT-L-14) or local-dir:FOLDER for CLIP score")
     p.add_argument("--clip-weights", help="local open_clip weights file for --clip-model NAME")
@@ -509,6 +509,13 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.fid_feature is not None and not args.fid_weights:
+        raise ConfigError(
+            f"--fid-feature {args.fid_feature} needs --fid-weights: FID is computed only with the "
+            f"Inception weights file ({INCEPTION_HINT})"
+        )
+    if args.fid_feature is None:
+        args.fid_feature = EvalConfig.fid_feature
     cfg = EvalConfig(**vars(args))
     for name in ("batch_size", "steps", "devices"):
         if getattr(cfg, name) < 1:

@@ -301,6 +301,8 @@ def export_controlnet(
         raise ConfigError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     torch_dtype = parse_dtype(dtype)
     controlnet, weights = load_any_controlnet(src, base)
+    if fmt == "original":
+        check_original_exportable(controlnet)
     unet = None if controlnet_only else load_companion_unet(src, weights, controlnet, base)
     if fmt == "diffusers":
         path = _write_diffusers(controlnet, Path(out), torch_dtype, unet)
@@ -311,6 +313,20 @@ def export_controlnet(
     if unet is not None:
         print(f"[cn_lightning] wrote the fine-tuned UNet (sd_locked=false, {dtype}) to {where}")
     return path
+
+
+def check_original_exportable(controlnet: ControlNetModel) -> None:
+    """The original format's hint encoder has exactly four stages, for SD's 8x VAE; a ControlNet
+    made for a VAE with another factor (the toy and tiny backbones) has no original equivalent."""
+    channels = list(controlnet.config.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+    if len(channels) != 4:
+        factor = 2 ** (len(channels) - 1)
+        raise ConfigError(
+            f"this ControlNet has no original-format equivalent: its condition encoder has "
+            f"{len(channels)} stages ({channels}), made for a base model whose VAE downsamples "
+            f"{factor}x, while the original format's has exactly 4 (for SD's 8x VAE); "
+            "export it with --format diffusers"
+        )
 
 
 def load_companion_unet(

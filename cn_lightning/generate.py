@@ -47,7 +47,8 @@ SIZE_MULTIPLE = 8
 
 @dataclass
 class Control:
-    """One ControlNet with its condition: ``image`` is a condition map, or a photo when ``extractor`` is set."""
+    """One ControlNet with its condition: ``image`` is a condition map (``extractor`` None or
+    ``"none"``), or a photo that the named extractor turns into one (e.g. ``"canny"``)."""
 
     controlnet: str
     image: str
@@ -105,13 +106,17 @@ def prepare_condition(
     image: np.ndarray, width: int, height: int, extractor: str | None = None
 ) -> Image.Image:
     """The condition image at ``width`` x ``height``: a condition map resized, or a photo resized then
-    run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``)."""
-    if extractor is None:
+    run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``). ``None`` or
+    ``"none"`` (as on the command line): the image already is the condition."""
+    if extractor is None or extractor == "none":
         return Image.fromarray(resize(image, width, height, _is_discrete(image)))
     from cn_lightning.conditions import get_extractor, is_discrete, list_extractors
 
     if extractor not in list_extractors():
-        raise ConfigError(f"unknown condition extractor {extractor!r}; registered: {', '.join(list_extractors())}")
+        raise ConfigError(
+            f"unknown condition extractor {extractor!r}; registered: {', '.join(list_extractors())} "
+            "(or none: the image already is the condition)"
+        )
     condition = get_extractor(extractor)(resize(image, width, height, discrete=False))
     if condition.ndim == 2:
         condition = np.repeat(condition[:, :, None], 3, axis=2)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cn_lightning import log
 from cn_lightning.errors import CnLightningError, ConfigError, NumericsError
 from cn_lightning.utils.resolvers import register_resolvers
 
@@ -30,6 +31,17 @@ def instantiate_list(cfg: DictConfig | None) -> list:
     if not cfg:
         return []
     return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
+
+
+def build_callbacks(cfg: DictConfig | None, loggers: list) -> list:
+    """The callbacks of ``cfg`` (``cfg.callbacks``). Without a logger (``logger=none``) the
+    ``LearningRateMonitor`` is left out: it has nothing to log to, and Lightning refuses it."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    callbacks = instantiate_list(cfg)
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
 
 
 def find_resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -89,6 +101,20 @@ def check_precision(cfg: DictConfig) -> None:
             f"trainer.precision={precision} (fp16 autocast with loss scaling) needs a GPU; on "
             "the CPU use trainer.precision=bf16-mixed"
         )
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer (the experiments' ``trainer=gpu``) on a machine without one: say how to run
+    on the CPU instead of Lightning's ``No supported gpu backend found!``."""
+    if str(cfg.trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+        return
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (mps is not None and mps.is_available()):
+        return
+    raise ConfigError(
+        f"trainer.accelerator={cfg.trainer.accelerator} but this machine has no GPU: add "
+        "trainer=cpu to run on the CPU (e.g. to smoke-test a recipe on small data)"
+    )
 
 
 def uses_deepspeed(strategy: object) -> bool:
@@ -160,11 +186,10 @@ def global_batch(cfg: DictConfig, trainer: L.Trainer) -> dict[str, int]:
 
 
 class _StartStepReporter(L.Callback):
-    """Prints the optimizer step training starts at (0, or the resumed step)."""
+    """Says the optimizer step training starts at (0, or the resumed step)."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            print(f"[cn_lightning] training starts at step {trainer.global_step}", flush=True)
+        log.info(f"training starts at step {trainer.global_step}")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -173,34 +198,33 @@ def train(cfg: DictConfig) -> dict:
 
     install_safe_loading()  # every checkpoint read, ours and DeepSpeed's, with an allow-list
     check_precision(cfg)
+    check_accelerator(cfg)
     resume_from = find_resume_checkpoint(cfg)
     done = checkpoint_step(resume_from) if resume_from else 0
     max_steps = int(cfg.trainer.get("max_steps") or -1)
     if resume_from and 0 < max_steps <= done:
         # Before anything is built or logged: a finished run is left exactly as it is.
-        if rank_zero_only.rank == 0:
-            print(
-                f"[cn_lightning] this run already finished: {resume_from} holds step {done} of "
-                f"trainer.max_steps={max_steps}; nothing to do (raise trainer.max_steps to "
-                "train on, or set hydra.run.dir for a new run)",
-                flush=True,
-            )
+        log.info(
+            f"this run already finished: {resume_from} holds step {done} of "
+            f"trainer.max_steps={max_steps}; nothing to do (raise trainer.max_steps to "
+            "train on, or set hydra.run.dir for a new run)"
+        )
         return {}
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     # The model first: a wrong model path is the most common mistake and fails fastest.
     module = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
-    callbacks = [*instantiate_list(cfg.get("callbacks")), _StartStepReporter()]
     loggers = instantiate_list(cfg.get("logger"))
+    callbacks = [*build_callbacks(cfg.get("callbacks"), loggers), _StartStepReporter()]
     trainer = build_trainer(cfg, callbacks, loggers)
     log_run_summary(cfg, trainer)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams["scale"] = global_batch(cfg, trainer)
     for logger in loggers:
         logger.log_hyperparams(hparams)
-    if resume_from and trainer.is_global_zero:
-        print(f"[cn_lightning] resuming from {resume_from} (step {done})", flush=True)
+    if resume_from:
+        log.info(f"resuming from {resume_from} (step {done})")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_controlnet", True):
@@ -238,26 +262,26 @@ def export_trained_controlnet(trainer: L.Trainer, module, out: Path) -> None:
     if trainer.is_global_zero:
         controlnet = controlnet_from_trainable_state(module.controlnet.config, state)
         save_controlnet_folder(controlnet, out)
-        print(f"[cn_lightning] exported ControlNet to {out}")
+        log.info(f"exported ControlNet to {out}")
         decoder = decoder_state_from_trainable(state)
         if decoder:
             hparams = module.hparams
             unet = trained_unet(hparams.pretrained_model_path, decoder, hparams.get("variant"))
             save_unet_folder(unet, out.parent / UNET_FOLDER)
-            print(f"[cn_lightning] exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}")
+            log.info(f"exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}")
     trainer.strategy.barrier("export_controlnet")
 
 
 def log_run_summary(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """Print the run directory, the global batch and how it is made (rank 0)."""
+    """Say the run directory, the global batch and how it is made (rank 0)."""
     if not trainer.is_global_zero:
         return
     b = global_batch(cfg, trainer)
     target = cfg.get("logical_batch_size")
     aim = f" (logical_batch_size {target})" if target else ""
     world = b["devices_per_node"] * b["num_nodes"]
-    print(
-        f"[cn_lightning] run dir: {cfg.paths.output_dir} | global batch = "
+    log.info(
+        f"run dir: {cfg.paths.output_dir} | global batch = "
         f"{b['per_device_batch_size']} per device x {world} devices x "
         f"{b['accumulate_grad_batches']} accumulation = {b['global_batch_size']}{aim} "
         f"({b['devices_per_node']} devices per node x {b['num_nodes']} nodes) "
@@ -274,7 +298,7 @@ def print_cluster_summary(trainer: L.Trainer) -> None:
     if isinstance(env, SLURMEnvironment):
         signal = getattr(env.requeue_signal, "name", env.requeue_signal)
         requeue = f"auto-requeue on {signal}" if env.auto_requeue else "no auto-requeue"
-        print(f"[cn_lightning] SLURM job {env.job_id()}: {requeue}", flush=True)
+        log.info(f"SLURM job {env.job_id()}: {requeue}")
 
 
 def print_wandb_sync_hint(loggers: list) -> None:
@@ -283,7 +307,7 @@ def print_wandb_sync_hint(loggers: list) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and getattr(logger, "_offline", False):
             run_dir = Path(logger.experiment.dir).parent
-            print(f"[cn_lightning] W&B ran offline; upload with: wandb sync {run_dir}")
+            log.info(f"W&B ran offline; upload with: wandb sync {run_dir}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -292,12 +316,10 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except SIGTERMException:
         # RunCheckpoint saved last.ckpt at the step boundary (unless mid-accumulation).
-        if rank_zero_only.rank == 0:
-            print(
-                "[cn_lightning] stopped by SIGTERM; relaunch the same command to resume from "
-                f"{Path(cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}",
-                file=sys.stderr,
-            )
+        log.warning(
+            "stopped by SIGTERM; relaunch the same command to resume from "
+            f"{Path(cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}"
+        )
         sys.exit(128 + 15)
     except (CnLightningError, OmegaConfBaseException, InstantiationException) as err:
         # Every rank meets the same error (the checks agree across ranks); one line says it.

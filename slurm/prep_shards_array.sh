@@ -4,8 +4,16 @@
 # SLURM_ARRAY_* variables); reruns skip finished shards, and the last task to finish writes the
 # complete manifest.json. Check the result with: python -m data_prep.inspect "$OUT"
 #
+# How to submit (settings are environment variables, exported by sbatch to the job):
 #   SRC=/data/laion_subset OUT=/data/shards/laion_canny sbatch slurm/prep_shards_array.sh
-#   TOOL=ade20k SRC=/data/ADEChallengeData2016 OUT=/data/shards/ade20k sbatch --array=0-3 ...
+#   TOOL=ade20k SRC=/data/ADEChallengeData2016 OUT=/data/shards/ade20k \
+#     sbatch --array=0-3 slurm/prep_shards_array.sh
+#   TOOL, SRC, OUT, CONDITION (canny), RESOLUTION (512), SAMPLES_PER_SHARD (1000), EXTRA_ARGS
+#   (more data_prep flags, split on spaces), PYTHON (python).
+# Dry run (prints the command each array task runs, creates and launches nothing):
+#   CN_DRY_RUN=1 SRC=/data/laion_subset OUT=/data/shards/laion_canny bash slurm/prep_shards_array.sh
+# Where outputs go: OUT/<prefix>-NNNNNN.tar + OUT/manifest.json; SLURM's log of each array task:
+#   slurm-cn-prep-shards-<array job id>_<task index>.out in the submit directory.
 #
 #SBATCH --job-name=cn-prep-shards
 #SBATCH --array=0-15
@@ -14,7 +22,7 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --mem=32G
 #SBATCH --time=08:00:00
-#SBATCH --output=logs/prep_%A_%a.out
+#SBATCH --output=slurm-%x-%A_%a.out
 set -euo pipefail
 
 : "${OUT:?set OUT to the output folder}"
@@ -26,8 +34,27 @@ CONDITION=${CONDITION:-canny}
 RESOLUTION=${RESOLUTION:-512}
 SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-1000}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+PYTHON=${PYTHON:-python}
 
-mkdir -p logs "$OUT"
+# ---- Helpers (do not edit) ---------------------------------------------------------------
+# Print a command so that pasting it into a shell runs exactly it: plain words as they are,
+# others in single quotes, or in double quotes when they hold a single quote.
+print_command() {
+  local words=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then
+      words+=("$a")
+    elif [[ $a != *\'* ]]; then
+      words+=("'$a'")
+    elif [[ $a != *[\"\$\`\\!]* ]]; then
+      words+=("\"$a\"")
+    else
+      words+=("$(printf '%q' "$a")")
+    fi
+  done
+  printf '%s\n' "${words[*]}"
+}
+
 args=(--out "$OUT" --resolution "$RESOLUTION"
       --samples-per-shard "$SAMPLES_PER_SHARD" --workers "${SLURM_CPUS_PER_TASK:-8}")
 if [[ "$TOOL" != synthetic_circles ]]; then
@@ -36,5 +63,13 @@ fi
 if [[ "$TOOL" == from_images ]]; then
   args+=(--condition "$CONDITION")
 fi
-# shellcheck disable=SC2086
-srun python -m "data_prep.$TOOL" "${args[@]}" $EXTRA_ARGS
+read -r -a extra <<< "$EXTRA_ARGS"      # split on spaces, no glob expansion
+CMD=(srun "$PYTHON" -m "data_prep.$TOOL" "${args[@]}" ${extra[@]+"${extra[@]}"})
+
+if [[ -n "${CN_DRY_RUN:-}" ]]; then
+  # data_prep takes its part of the shards from SLURM_ARRAY_TASK_ID / _COUNT in each task.
+  print_command "${CMD[@]}"
+  exit 0
+fi
+mkdir -p "$OUT"
+exec "${CMD[@]}"

@@ -8,10 +8,12 @@
 #   * SD15_PATH (or SD21_PATH with model=sd21) and the shard location, here or on the command line.
 # How to submit (anything after the script name is a Hydra override of the train command):
 #   export SD15_PATH=/models/stable-diffusion-v1-5
-#   sbatch slurm/train_8xa100.sh +experiment=canny data.train_shards='/data/canny/data-{000000..000999}.tar'
-#   sbatch slurm/train_8xa100.sh +experiment=depth strategy=deepspeed_stage_2 data.train_shards=...
+#   sbatch slurm/train_8xa100.sh +experiment=canny "data.train_shards='/data/canny/data-{000000..000999}.tar'"
+#   sbatch slurm/train_8xa100.sh +experiment=depth strategy=deepspeed_stage_2 data.train_shards=/data/depth
 # Dry run (prints the resolved srun command, launches nothing; works on a login node):
-#   CN_DRY_RUN=1 bash slurm/train_8xa100.sh +experiment=canny data.train_shards=...
+#   CN_DRY_RUN=1 bash slurm/train_8xa100.sh +experiment=canny "data.train_shards='/data/canny/data-{000000..000999}.tar'"
+# Quote brace patterns for Hydra as above (outer double quotes, inner single quotes); a folder
+# with manifest.json (data.train_shards=/data/canny) needs no quotes.
 # Where outputs go: ${CN_RUNS:-$SLURM_SUBMIT_DIR/outputs}/<job name>/<job id>/
 #   checkpoints/ (last.ckpt, step_*.ckpt), hpc_ckpt_N.ckpt (written on requeue), controlnet/
 #   (diffusers export at the end), samples/, wandb/, train.log; SLURM's log: slurm-<name>-<id>.out.
@@ -40,6 +42,26 @@ PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
+# ---- Helpers (do not edit) ---------------------------------------------------------------
+# Print a command so that pasting it into a shell runs exactly it: plain words as they are,
+# others in single quotes, or in double quotes when they hold a single quote (a Hydra override
+# such as "data.train_shards='/data/x-{000000..000099}.tar'" prints as it is written).
+print_command() {
+  local words=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then
+      words+=("$a")
+    elif [[ $a != *\'* ]]; then
+      words+=("'$a'")
+    elif [[ $a != *[\"\$\`\\!]* ]]; then
+      words+=("\"$a\"")
+    else
+      words+=("$(printf '%q' "$a")")
+    fi
+  done
+  printf '%s\n' "${words[*]}"
+}
+
 # ---- Derived from the job (do not edit) ----------------------------------------------------
 JOB_ID=${SLURM_JOB_ID:-<job_id>}
 JOB_NAME=${SLURM_JOB_NAME:-cn_train}
@@ -56,8 +78,7 @@ CMD=(srun --kill-on-bad-exit=1 "$PYTHON" -m cn_lightning.train
   "$@")
 
 if [[ -n "${CN_DRY_RUN:-}" ]]; then
-  printf '%q ' "${CMD[@]}"
-  printf '\n'
+  print_command "${CMD[@]}"
   exit 0
 fi
 mkdir -p "$RUN_DIR"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -135,5 +137,84 @@ def test_progress_bar_follows_the_trainer_setting():
     assert bar.eta_seconds(10, 100) is None  # not started
 
 
+def _rendered(out: io.StringIO) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without cursor moves, colours
+
+
+def test_progress_bar_counts_optimizer_steps_under_accumulation(tiny_sd_path, circle_shards,
+                                                                tmp_path):
+    """Live on a (forced) terminal: ``step N/max_steps`` counts optimizer steps, not the batches
+    of the accumulation window (the old bar showed 8/4), and never passes ``max_steps``."""
+    out = io.StringIO()
+    bar = StepProgressBar(refresh_per_second=1000,
+                          console_kwargs={"file": out, "force_terminal": True, "width": 200})
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=3,
+        accumulate_grad_batches=2, callbacks=[bar], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(ControlNetModule(tiny_sd_path, sample_steps=2),
+                datamodule=_datamodule(circle_shards))
+    assert trainer.global_step == 3 and trainer.fit_loop.total_batch_idx == 5  # 6 batches
+    text = _rendered(out)
+    shown = [(int(a), int(b)) for a, b in re.findall(r"step (\d+)/(\d+)", text)]
+    steps = [a for a, _ in shown]
+    assert {b for _, b in shown} == {3} and steps == sorted(steps) and set(steps) == {0, 1, 2, 3}
+    final = text.rsplit("step 3/3", 1)[1].splitlines()[0]
+    assert "100%" in final and "ETA 0:00:00" in final and "loss " in final
+    assert float(re.search(r"([\d.]+) samples/s", final).group(1)) > 0
+    assert "Epoch" not in text
+
+
+def test_progress_bar_eta_uses_the_rate_since_this_process_started():
+    bar = StepProgressBar()
+    assert bar.eta_seconds(10, 100) is None  # not started
+    bar._start = (1000.0, 500)  # (clock, step) when training started here: resumed at 500
+    assert bar.eta_seconds(500, 1500, now=1010.0) is None  # no step done yet in this process
+    # 100 steps in 100 s in this process: 900 left take 900 s (not 1500 s, as counting from 0).
+    assert bar.eta_seconds(600, 1500, now=1100.0) == pytest.approx(900.0)
+
+
+def test_progress_bar_on_an_endless_stream_shows_steps_without_a_total():
+    from types import SimpleNamespace
+
+    bar = StepProgressBar()
+    bar.disable()
+    trainer = SimpleNamespace(global_step=7, max_steps=-1, world_size=1,
+                              estimated_stepping_batches=float("inf"),
+                              progress_bar_metrics={"train/loss": 0.25})
+    bar.on_train_start(trainer, None)
+    bar._read(trainer, 0.0)
+    fields = bar.status()
+    assert fields["step"] == "step 7" and fields["loss"] == "loss 0.25"
+    assert "eta" not in fields and "percent" not in fields
+
+
 def _log_text(root: Path) -> str:
     return "".join(p.read_text() for p in root.rglob("*.log"))
+
+
+def test_sample_grid_without_usable_val_samples_names_the_cause(tmp_path):
+    # Validation shards whose cached latents are unusable: every sample is skipped, and the
+    # error says why (bad_latent, with the first case) instead of "no samples".
+    import numpy as np
+    from data_helpers import mirror_sample, write_shards
+
+    from cn_lightning.callbacks.samples import _first_val_samples
+    from cn_lightning.data.format import encode_npy
+    from cn_lightning.errors import DataError
+
+    def sample(i: int, latent: np.ndarray | None) -> dict:
+        s = mirror_sample(f"k{i}", (32, 32), i, "outline")
+        return s if latent is None else {**s, "latent.npy": encode_npy(latent)}
+
+    flat = write_shards(tmp_path / "flat", [[sample(i, np.zeros((4, 4), np.float16)) for i in range(3)]])
+    missing = write_shards(tmp_path / "missing", [[sample(i, None) for i in range(3)]])
+    for shards, cause in ((flat, "got shape (4, 4)"), (missing, "no <key>.latent.npy")):
+        dm = ShardDataModule(train_shards=shards[0], val_shards=shards[0], condition_key="outline",
+                             resolution=32, batch_size=2, num_workers=0, use_cached_latents=True)
+        with pytest.raises(DataError) as info:
+            _first_val_samples(dm, 4)
+        message = str(info.value)
+        assert message.startswith("val_shards: no sample for the sample grid: every sample read was skipped")
+        assert "3 skipped: bad_latent x3" in message and cause in message and "k0" in message

@@ -177,6 +177,9 @@ def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     assert "clip.bin" in line and "not found" in line
     line = cli_error(capsys, main, [*common, *gen, "--clip-model", "ViT-B-32"])
     assert "needs --clip-weights" in line
+    # A feature layer without the weights would silently compute no FID.
+    line = cli_error(capsys, main, [*common, *gen, "--fid-feature", "64"])
+    assert "--fid-feature 64 needs --fid-weights" in line and "pt_inception" in line
     line = cli_error(capsys, main, common)
     assert "--base and --controlnet" in line
     no_shards = ["--val-shards", str(tmp_path / "none-{000000..000001}.tar"), *common[2:]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from distributed_helpers import (
     REPO,
     run_train,
@@ -86,7 +87,7 @@ def test_cfg_job_and_missing_backbone_is_one_clear_line(tmp_path):
     env.pop("SD15_PATH", None)
     job = run_train(["+experiment=scribble", "--cfg", "job"], env, tmp_path)
     assert "logical_batch_size: 256" in job.stdout and "condition_key: scribble" in job.stdout
-    result = run_train(["+experiment=canny", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_train(["+experiment=canny", "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}",
                         "data.train_shards=/nowhere"], env, tmp_path, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -94,14 +95,16 @@ def test_cfg_job_and_missing_backbone_is_one_clear_line(tmp_path):
     assert errors == ["cn_lightning: error: Missing mandatory value: model.pretrained_model_path"]
 
 
-def _tiny_experiment_run(name: str, tiny_sd_path: str, tmp_path: Path) -> None:
+def _tiny_experiment_run(name: str, tiny_sd_path: str, tmp_path: Path,
+                         device: tuple[str, ...] = ("strategy=single_gpu", "trainer.accelerator=cpu",
+                                                    "trainer.precision=32-true")):
     shards = write_condition_shards(tmp_path / "shards")
     run_dir = tmp_path / "run"
     overrides = [
-        f"+experiment={name}", "strategy=single_gpu", f"hydra.run.dir={run_dir}",
+        f"+experiment={name}", *device, f"hydra.run.dir={run_dir}",
         f"model.pretrained_model_path={tiny_sd_path}", f"data.train_shards={shards}",
         "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4",
-        "logical_batch_size=4", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "logical_batch_size=4",
         "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1", "model.sample_steps=2", "callbacks.samples.every_n_steps=0",
         "++callbacks.samples.at_start=false", "callbacks.samples.num_samples=1", "logger=csv",
@@ -111,10 +114,49 @@ def _tiny_experiment_run(name: str, tiny_sd_path: str, tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert list((run_dir / "samples").glob("*.png")), "the recipe's sample logging did not run"
+    return result
 
 
-def test_tiny_run_of_canny_experiment(tiny_sd_path, tmp_path):
-    _tiny_experiment_run("canny", tiny_sd_path, tmp_path)
+def test_tiny_run_of_canny_experiment_with_trainer_cpu(tiny_sd_path, tmp_path):
+    # The documented switch for a machine without a GPU: trainer=cpu alone, the recipe's own
+    # strategy (DDP, one gloo process) and everything else of the experiment.
+    result = _tiny_experiment_run("canny", tiny_sd_path, tmp_path, device=("trainer=cpu",))
+    assert "| strategy DDPStrategy" in result.stdout
+
+
+def test_trainer_cpu_changes_only_the_device(monkeypatch):
+    monkeypatch.setenv("SD15_PATH", "/models/sd15")
+    gpu = _compose("+experiment=canny")
+    cpu = _compose("+experiment=canny", "trainer=cpu")
+    assert (cpu.trainer.accelerator, cpu.trainer.devices, cpu.trainer.precision) == ("cpu", 1, "32-true")
+    assert cpu.trainer.max_steps == gpu.trainer.max_steps == 20000  # the experiment's
+    assert cpu.trainer.strategy == gpu.trainer.strategy  # the recipe's DDP
+    for key in set(gpu) - {"trainer"}:
+        assert cpu[key] == gpu[key], key
+    assert resolve_accumulation(cpu, world_size=1) == 256 // cpu.data.batch_size
+    single = _compose("+experiment=canny", "trainer=cpu", "strategy=single_gpu")
+    assert (single.trainer.accelerator, single.trainer.strategy) == ("cpu", "auto")
+
+
+def test_gpu_trainer_without_a_gpu_points_to_trainer_cpu(monkeypatch):
+    from cn_lightning.train import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="has no GPU: add trainer=cpu"):
+        check_accelerator(_compose("+experiment=canny"))
+    check_accelerator(_compose("+experiment=canny", "trainer=cpu"))
+    check_accelerator(_compose())  # the quickstart: accelerator auto
+
+
+def test_help_lists_only_real_experiments():
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        assert sorted(loader.get_group_options("experiment")) == sorted([*EXPERIMENTS, "quickstart"])
+        assert loader.get_group_options("recipe") == ["controlnet11"]
+        assert "cpu" in loader.get_group_options("trainer")
 
 
 @pytest.mark.slow

@@ -197,9 +197,10 @@ def test_bad_input_gives_one_clear_line(default_run, tmp_path, capsys):
     assert "nope.ckpt" in line and "does not exist" in line
     line = _cli_error(capsys, str(run), "--format", "onnx", "--out", str(tmp_path / "o"))
     assert "invalid choice: 'onnx'" in line
-    # The default tiny hint encoder has 2 stages; the original format needs exactly 4.
+    # The default tiny hint encoder has 2 stages (a 2x VAE); the original format needs exactly 4.
     line = _cli_error(capsys, str(run), "--format", "original", "--out", str(tmp_path / "o.safetensors"))
-    assert "exactly 6" in line and "[16, 32]" in line
+    assert "no original-format equivalent" in line and "[16, 32]" in line and "2x" in line
+    assert line.endswith("export it with --format diffusers")
     (tmp_path / "empty_run").mkdir()
     line = _cli_error(capsys, str(tmp_path / "empty_run"), "--format", "diffusers", "--out", str(tmp_path / "o"))
     assert "no checkpoint" in line

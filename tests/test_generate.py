@@ -154,6 +154,22 @@ def test_guess_mode_and_size_options(assets):
     assert np.abs(_pixels(normal[0]) - _pixels(guessed[0])).max() > 0
 
 
+def test_default_size_is_the_backbones_own_and_none_means_no_extractor(assets):
+    # The tiny models and the toy backbone train at 32 px, and their configs say so:
+    # UNet sample_size (latent cells) x the VAE factor.
+    from cn_lightning.utils.resolvers import asset
+
+    for path in (assets["base"], asset("toy_sd")):
+        backbone = load_backbone(path)
+        assert backbone.unet.config.sample_size * backbone.vae_scale_factor == 32, path
+    # The Python API takes "none" as the command line does: the image is the condition.
+    control = Control(assets["controlnets"][0], assets["condition"], 1.0, "none")
+    images, conditions = generate(_settings(assets, [control], steps=1))
+    assert images[0].size == conditions[0].size == (32, 32)
+    expected = np.asarray(Image.open(assets["condition"]).convert("RGB"))
+    assert np.array_equal(np.asarray(conditions[0]), expected)
+
+
 def test_default_size_keeps_the_aspect_at_the_native_resolution():
     # 48x40 photo: the shorter side goes to the model's native 64 px, rounded to multiples of 8.
     assert default_size(np.zeros((40, 48, 3), np.uint8), 64) == (80, 64)

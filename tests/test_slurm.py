@@ -7,6 +7,7 @@ PATH (it records its arguments): Lightning recognises SLURM, installs its SIGUSR
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -58,6 +59,74 @@ def test_multinode_dry_run_uses_the_allocation(tmp_path):
     cmd = _dry_run("train_multinode.sh", slurm, "+experiment=hed", "data.batch_size=8")
     assert cmd[0] == "srun" and "trainer.num_nodes=4" in cmd and "trainer.devices=8" in cmd
     assert f"hydra.run.dir={tmp_path}/mn/9" in cmd and cmd[-2:] == ["+experiment=hed", "data.batch_size=8"]
+
+
+def _recording_srun(tmp_path: Path, record: Path | None = None) -> dict[str, str]:
+    """PATH with a stand-in ``srun``: it writes its arguments (NUL-separated) to ``record``, or,
+    without one, runs them as the real srun runs one task."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    srun = bin_dir / "srun"
+    body = f"for a in \"$@\"; do printf '%s\\0' \"$a\"; done > {record}" if record else 'exec "$@"'
+    srun.write_text(f"#!/bin/bash\n{body}\n")
+    srun.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_dry_run_pasted_into_a_shell_runs_exactly_the_same_words(tmp_path):
+    # The documented form of a brace pattern and other words a shell would change.
+    shards = "data.train_shards='/data/canny/data-{000000..000999}.tar'"
+    args = ["+experiment=canny", shards, "~callbacks.lr_monitor", "x=$HOME", "it's", "a b", ""]
+    slurm = {"SLURM_JOB_ID": "5", "SLURM_JOB_NAME": "cn_train", "CN_RUNS": str(tmp_path / "runs")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(CN_DRY_RUN="1", PYTHON="python", **slurm)
+    printed = subprocess.run(["bash", str(REPO / "slurm" / "train_8xa100.sh"), *args], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert printed.count("\n") == 1 and f'"{shards}"' in printed  # as the docs write it
+    record = tmp_path / "argv"
+    subprocess.run(["bash", "-c", printed], env=_recording_srun(tmp_path, record), check=True)
+    argv = record.read_bytes().decode().split("\0")[:-1]
+    assert argv == ["--kill-on-bad-exit=1", "python", "-m", "cn_lightning.train",
+                    f"hydra.run.dir={tmp_path}/runs/cn_train/5", "trainer.devices=8",
+                    "trainer.num_nodes=1", "++logger.wandb.run_id=cn-5", *args]
+    # ... and Hydra accepts the shard pattern as it arrives.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([argv[9]])
+    assert override.value() == "/data/canny/data-{000000..000999}.tar"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_prep_array_dry_run_prints_the_command_and_creates_nothing(tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 36), (40 * i, 200, 90)).save(photos / f"p{i}.jpg")
+        (photos / f"p{i}.txt").write_text(f"photo {i}")
+    out = tmp_path / "shards"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(CN_DRY_RUN="1", SRC=str(photos), OUT=str(out), RESOLUTION="32",
+               SAMPLES_PER_SHARD="2", SLURM_CPUS_PER_TASK="0", PYTHON=sys.executable)
+    work = tmp_path / "submit_dir"
+    work.mkdir()
+    result = subprocess.run(["bash", str(REPO / "slurm" / "prep_shards_array.sh")], env=env,
+                            cwd=work, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout) == [
+        "srun", sys.executable, "-m", "data_prep.from_images", "--out", str(out),
+        "--resolution", "32", "--samples-per-shard", "2", "--workers", "0", "--src", str(photos),
+        "--condition", "canny",
+    ]
+    assert not out.exists() and not list(work.iterdir()), "a dry run must not create anything"
+    # The printed command is the one each array task runs (here: one task, all shards).
+    subprocess.run(["bash", "-c", result.stdout], env=_recording_srun(tmp_path), cwd=work,
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 3
 
 
 def _slurm_env(tmp_path: Path) -> dict[str, str]:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from cn_lightning.errors import DataError
 from cn_lightning.metrics.fidelity import condition_fidelity, resolve_fidelity
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,12 @@ def _first_val_samples(datamodule, n: int) -> dict[str, Any]:
         if len(parts["prompt"]) >= n:
             break
     if not parts["prompt"]:
-        raise ValueError("the validation shards hold no samples for the sample grid")
+        skips = getattr(dataset, "skips", None)
+        if skips is not None and skips.counts:
+            why = f"every sample read was skipped, {skips.describe()}"
+        else:
+            why = "they hold no samples"
+        raise DataError(f"val_shards: no sample for the sample grid: {why}")
     out: dict[str, Any] = {"prompt": parts["prompt"][:n]}
     for key in ("condition", "image"):
         if parts[key]:

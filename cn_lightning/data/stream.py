@@ -94,12 +94,19 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}  # reason -> the first skipped sample and why
         self._reported = 0
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
+        self.first.setdefault(reason, f"{where}{f': {detail}' if detail else ''}")
         if sum(self.counts.values()) <= _MAX_WARNINGS:
             log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+    def describe(self) -> str:
+        """One line: how many were skipped, by reason, with the first case of each."""
+        parts = [f"{reason} x{n} (first: {self.first[reason]})" for reason, n in self.counts.items()]
+        return f"{sum(self.counts.values())} skipped: " + "; ".join(parts) if parts else "none skipped"
 
     def take(self) -> int:
         total = sum(self.counts.values())
@@ -171,8 +178,13 @@ def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
     out: dict = {}
     if cfg.use_cached_latents:
         try:
-            out["latent"] = torch.from_numpy(decode_npy(raw[LATENT_EXT]).astype(np.float32))
-            assert out["latent"].ndim == 3
+            if LATENT_EXT not in raw:
+                raise KeyError(f"no <key>.{LATENT_EXT} (use_cached_latents needs shards from "
+                               "data_prep.cache_latents)")
+            latent = decode_npy(raw[LATENT_EXT])
+            if latent.ndim != 3:
+                raise ValueError(f"expected a (C, h, w) array, got shape {latent.shape}")
+            out["latent"] = torch.from_numpy(latent.astype(np.float32))
         except Exception as err:
             counter.skip("bad_latent", where, f"{type(err).__name__}: {err}")
             return None
@@ -337,6 +349,7 @@ class ShardStream(IterableDataset):
         if quota == 0:
             return
         counter = SkipCounter()
+        self.skips = counter  # what this iteration skipped, for in-process readers' messages
         skip = self._skip_for(skip_batches, worker, num_workers)
         if not cfg.training:
             raw = self._raw_samples(random.Random(cfg.seed), counter, worker, num_workers)

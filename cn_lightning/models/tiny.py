@@ -57,6 +57,10 @@ PRESETS: dict[str, dict] = {
     },
 }
 MAX_TOKENS = 16
+# The pixel size these models train and sample at (the quickstart's 32 px). Their configs'
+# sample_size (UNet: latent cells, VAE: pixels) say so, so diffusers' pipelines and
+# `python -m cn_lightning.generate` draw at this size by default.
+NATIVE_RESOLUTION = 32
 
 
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
@@ -110,8 +114,9 @@ def build_tiny_components(preset: str = "test", seed: int = 0, vocab_size: int |
         raise ValueError(f"unknown tiny preset {preset!r}: expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     torch.manual_seed(seed)
+    vae_scale_factor = 2 ** (len(p["vae_channels"]) - 1)
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=NATIVE_RESOLUTION // vae_scale_factor,
         in_channels=4,
         out_channels=4,
         block_out_channels=p["unet_channels"],
@@ -130,7 +135,7 @@ def build_tiny_components(preset: str = "test", seed: int = 0, vocab_size: int |
         up_block_types=["UpDecoderBlock2D"] * len(p["vae_channels"]),
         latent_channels=4,
         norm_num_groups=p["vae_groups"],
-        sample_size=64,
+        sample_size=NATIVE_RESOLUTION,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
