@@ -26,9 +26,8 @@ def _args(tiny_sd_path: str, shards: str, run_dir: Path, steps: int, *extra: str
     return base + [
         "trainer.enable_progress_bar=true",
         "trainer.accumulate_grad_batches=2",
-        # callbacks=minimal has no bar: add the default one. Its output is not a terminal here,
-        # so it prints plain lines; log_every_s=0 makes that one line per optimizer step.
-        "+callbacks.progress_bar._target_=cn_lightning.callbacks.throughput.make_progress_bar",
+        # callbacks=minimal has the bar too. Its output is not a terminal here, so it prints
+        # plain lines; log_every_s=0 makes that one line per optimizer step.
         "+callbacks.progress_bar.log_every_s=0",
         "+callbacks.progress_bar.refresh_per_second=1000",
         *extra,
