@@ -368,7 +368,8 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # Gradients here are complete (accumulated, all-reduced, unscaled for fp16). Under
         # DeepSpeed they live in its own buffers; its optimizer checks them itself.
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        # One host sync for all gradients, not one per tensor.
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.numerics.flag_window()
 
