@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_recipe.py"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        CN_LIGHTNING_CACHE=str(tmp_path / "cache"),
-    )
-    env.pop("WANDB_API_KEY", None)
-    return env
+    return subprocess_env(tmp_path)
 
 
 def _positive(x) -> bool:
