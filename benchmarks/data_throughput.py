@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cn_lightning.data import ShardDataModule  # noqa: E402
-from data_prep import fill50k, synthetic_circles  # noqa: E402
+from cn_lightning.data.synthetic import write_fill50k_layout  # noqa: E402
+from data_prep import fill50k  # noqa: E402
 
 
 class TutorialDataset(Dataset):
@@ -79,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or tmp
         layout, shards = os.path.join(root, "fill50k"), os.path.join(root, "shards")
-        synthetic_circles.write_fill50k_layout(layout, n, res, seed=0)
+        write_fill50k_layout(layout, n, res, seed=0)
 
         prep_start = time.perf_counter()
         fill50k_args = ["--src", layout, "--out", shards, "--resolution", str(res),

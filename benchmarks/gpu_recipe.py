@@ -77,7 +77,7 @@ def write_model(size: str, out: Path) -> Path:
 
         write_tiny_backbone(out, preset=TINY_PRESET, seed=0)
     else:
-        from cn_lightning.utils.atomic import atomic_directory
+        from cn_lightning.atomic import atomic_directory
 
         write_random_sd15 = _load_function(
             REPO / "tests" / "test_real_size.py", "write_random_sd15"
@@ -101,7 +101,7 @@ def write_shards(out: Path, resolution: int, num_samples: int) -> Path:
     """Synthetic circle shards at ``resolution`` px (4 shards); returns their folder, which
     ``data.train_shards`` accepts (it holds ``manifest.json``; a brace pattern would need
     quoting on the Hydra command line)."""
-    from data_prep.synthetic_circles import ensure_shards
+    from cn_lightning.data.synthetic import ensure_shards
 
     per_shard = max(1, num_samples // 4)
     ensure_shards(
@@ -280,9 +280,9 @@ def unet_finetune_worker(args) -> None:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cn_lightning.data.synthetic import circle_prompt
     from cn_lightning.models.backbone import load_backbone
     from cn_lightning.models.diffusion import diffusion_target, drop_prompts, encode_prompt
-    from data_prep.synthetic_circles import circle_prompt
 
     device = torch.device(args.device)
     torch.manual_seed(0)

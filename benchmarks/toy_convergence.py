@@ -44,7 +44,7 @@ def run_config(run_dir: Path) -> dict:
     """The run's backbone, validation shards and sampling settings (its resolved config)."""
     from omegaconf import OmegaConf
 
-    from cn_lightning.utils.resolvers import register_resolvers
+    from cn_lightning.config import register_resolvers
 
     register_resolvers()
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

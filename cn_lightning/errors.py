@@ -7,6 +7,9 @@ what was expected, so the command line can print it without a traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class CnLightningError(Exception):
     """Base class for errors caused by user input rather than by a bug."""
@@ -39,4 +42,42 @@ class NumericsError(CnLightningError, RuntimeError):
 class UnsafeCheckpointError(CheckpointFormatError):
     """A pickled file references a type or function outside the allow-list of safe checkpoint
     contents: unpickling it could run code, so it is refused (see
-    :func:`cn_lightning.utils.checkpoints.safe_torch_load`)."""
+    :func:`cn_lightning.safe_load.safe_torch_load`)."""
+
+
+EXIT_USAGE = 2
+
+
+def first_line(err: BaseException | str) -> str:
+    """The first non-empty line of an error (or message); the exception's type name if it is empty.
+
+    Library errors often continue over many lines (a ``load_state_dict`` report, a traceback
+    text); the user sees the first one.
+    """
+    text = str(err).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return type(err).__name__ if isinstance(err, BaseException) else "failed"
+
+
+def user_message(err: BaseException) -> str:
+    """One line for the user: the innermost cn_lightning error if a framework (Hydra, Lightning)
+    wrapped one, else the wrapper's first line followed by the innermost cause's."""
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, CnLightningError):
+        cause = cause.__cause__
+    if isinstance(cause, CnLightningError) or cause is err:
+        return first_line(cause)
+    return f"{first_line(err).rstrip(':')}: {type(cause).__name__}: {first_line(cause)}"
+
+
+def error_line(message: BaseException | str, prog: str = "cn_lightning") -> str:
+    """``<prog>: error: <first line>``: how every command of the project reports a user error."""
+    text = user_message(message) if isinstance(message, BaseException) else first_line(message)
+    return f"{prog}: error: {text}"
+
+
+def fail(message: BaseException | str, prog: str = "cn_lightning", code: int = EXIT_USAGE) -> NoReturn:
+    """Print :func:`error_line` to stderr and exit with ``code`` (2: a usage or input error)."""
+    print(error_line(message, prog), file=sys.stderr)
+    raise SystemExit(code)

@@ -1,7 +1,7 @@
 """The one home of cn_lightning's ``[cn_lightning] ...`` lines: console and ``train.log`` alike.
 
-Every such line goes through the ``cn_lightning`` logger (:func:`info`, :func:`warning`, or
-``logging.getLogger("cn_lightning.<module>")`` for a module's own logger):
+Every such line goes through the ``cn_lightning`` logger, by :func:`info` and :func:`warning`
+(no module keeps its own logger, prints, or calls Lightning's ``rank_zero_info``):
 
 - On the console, :class:`ConsoleHandler` writes the message as it is (no timestamp), INFO to
   stdout and WARNING and above to stderr, to the *current* ``sys.stdout``/``sys.stderr``, so the
@@ -14,7 +14,7 @@ Every such line goes through the ``cn_lightning`` logger (:func:`info`, :func:`w
   and whatever handlers the root logger has (pytest's ``caplog``, say).
 
 :func:`info` and :func:`warning` speak on global rank 0 only, so a multi-GPU run says each line
-once.
+once; ``all_ranks=True`` is for what each rank must say for itself (its share of the data).
 """
 
 from __future__ import annotations
@@ -57,15 +57,17 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def info(message: str) -> None:
-    """Say ``[cn_lightning] message`` once (rank 0): console stdout and ``train.log``."""
-    if is_global_zero():
+def info(message: str, all_ranks: bool = False) -> None:
+    """Say ``[cn_lightning] message`` once (rank 0; every rank with ``all_ranks``, for what
+    differs between ranks): console stdout and ``train.log``."""
+    if all_ranks or is_global_zero():
         get_logger().info(_prefixed(message))
 
 
-def warning(message: str) -> None:
-    """Say ``[cn_lightning] message`` once (rank 0): console stderr and ``train.log``."""
-    if is_global_zero():
+def warning(message: str, all_ranks: bool = False) -> None:
+    """Say ``[cn_lightning] message`` once (rank 0; every rank with ``all_ranks``): console
+    stderr and ``train.log``."""
+    if all_ranks or is_global_zero():
         get_logger().warning(_prefixed(message))
 
 

@@ -21,7 +21,9 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from cn_lightning import log
 from cn_lightning.callbacks.samples import make_grid
+from cn_lightning.config import register_resolvers
 from cn_lightning.models.tiny import write_tokenizer
 from cn_lightning.models.toy import (
     ToyDiffusionModule,
@@ -31,7 +33,6 @@ from cn_lightning.models.toy import (
     nearest_colour_names,
     save_toy_backbone,
 )
-from cn_lightning.utils.resolvers import register_resolvers
 
 register_resolvers()
 
@@ -50,7 +51,7 @@ def fit_stage(cfg: DictConfig, module: L.LightningModule, datamodule, name: str,
 
 def held_out_prompts(n: int, seed: int) -> tuple[list[str], list[tuple[str, str]]]:
     """``n`` random (colour A, colour B) prompts from the synthetic-circles palette."""
-    from data_prep.synthetic_circles import COLOURS, circle_prompt
+    from cn_lightning.data.synthetic import COLOURS, circle_prompt
 
     names = sorted(COLOURS)
     rng = np.random.default_rng(seed)
@@ -60,7 +61,7 @@ def held_out_prompts(n: int, seed: int) -> tuple[list[str], list[tuple[str, str]
 
 def colour_check(module: ToyDiffusionModule, cfg: DictConfig, out_png: Path) -> dict:
     """Share of held-out prompts whose drawn background / circle colour is the prompted one."""
-    from data_prep.synthetic_circles import COLOURS
+    from cn_lightning.data.synthetic import COLOURS
 
     prompts, pairs = held_out_prompts(cfg.check.num_prompts, cfg.check.seed)
     module.eval()
@@ -110,7 +111,7 @@ def pretrain(cfg: DictConfig) -> dict:
     out = save_toy_backbone(cfg.out_dir, unet_module.unet, unet_module.vae, unet_module.text_encoder,
                             tokenizer_dir, unet_module.noise_scheduler, provenance)
     summary = {"out_dir": str(out), **provenance["train_seconds"], **check}
-    print(f"[cn_lightning] toy backbone written to {out}: {json.dumps(summary)}")
+    log.info(f"toy backbone written to {out}: {json.dumps(summary)}")
     return summary
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from cn_lightning.atomic import replace_directory
 
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
@@ -31,18 +32,6 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             replace_directory(tmp, path)
         self.barrier("cn_checkpoint_done")
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move the directory ``src`` to ``dst``, replacing it; ``dst`` or ``dst.old`` always exists."""
-    old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def fsdp_wrap_classes() -> set[type]:

@@ -20,8 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cn_lightning import log
-from cn_lightning.errors import CnLightningError, ConfigError, NumericsError
-from cn_lightning.utils.resolvers import register_resolvers
+from cn_lightning.config import register_resolvers
+from cn_lightning.errors import CnLightningError, ConfigError, error_line
+from cn_lightning.models.checkpoints import (
+    AtomicCheckpointIO,
+    checkpoint_step,
+    export_from_trainer,
+    newest_run_checkpoint,
+)
+from cn_lightning.serialization import install_safe_loading
 
 register_resolvers()
 
@@ -59,27 +66,8 @@ def find_resume_checkpoint(cfg: DictConfig) -> str | None:
         return str(path)
     if cfg.get("resume", "auto") != "auto":
         return None
-    from cn_lightning.utils.checkpoints import newest_run_checkpoint
-
     newest = newest_run_checkpoint(cfg.paths.output_dir)
     return str(newest) if newest else None
-
-
-def checkpoint_step(path: str | os.PathLike) -> int:
-    """The optimizer step a Lightning checkpoint (file or DeepSpeed directory) was saved at."""
-    from cn_lightning.utils.checkpoints import safe_torch_load
-
-    path = Path(path)
-    deepspeed = path.is_dir()
-    if deepspeed:  # Lightning's state is the client state of rank 0's model-states file
-        files = sorted(path.glob("*/mp_rank_00_model_states.pt")) or sorted(
-            path.glob("*/*model_states.pt")
-        )
-        if not files:
-            raise ConfigError(f"{str(path)!r} holds no DeepSpeed model states to resume from")
-        path = files[0]
-    state = safe_torch_load(path, mmap=True, deepspeed=deepspeed)
-    return int(state.get("global_step", 0)) if isinstance(state, dict) else 0
 
 
 def check_precision(cfg: DictConfig) -> None:
@@ -138,8 +126,6 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     The gradient accumulation that reaches ``logical_batch_size`` is set once the Trainer knows
     its world size (devices x nodes), before ``fit``.
     """
-    from cn_lightning.utils.checkpoint_io import AtomicCheckpointIO
-
     plugins = [] if uses_deepspeed(cfg.trainer.get("strategy", "auto")) else [AtomicCheckpointIO()]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
@@ -194,8 +180,6 @@ class _StartStepReporter(L.Callback):
 
 def train(cfg: DictConfig) -> dict:
     """Compose everything from ``cfg``, fit, export the ControlNet; return the final metrics."""
-    from cn_lightning.utils.checkpoints import install_safe_loading
-
     install_safe_loading()  # every checkpoint read, ours and DeepSpeed's, with an allow-list
     check_precision(cfg)
     check_accelerator(cfg)
@@ -229,47 +213,10 @@ def train(cfg: DictConfig) -> dict:
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_controlnet", True):
         export_dir = Path(cfg.paths.output_dir) / "controlnet"
-        export_trained_controlnet(trainer, module, export_dir)
+        export_from_trainer(trainer, module, export_dir)
     if trainer.is_global_zero:
         print_wandb_sync_hint(loggers)
     return out
-
-
-def export_trained_controlnet(trainer: L.Trainer, module, out: Path) -> None:
-    """Write the trained branch as a diffusers ControlNet folder (rank 0 writes).
-
-    Works under every strategy: the trainable weights are gathered first (fp32 master weights
-    under DeepSpeed, sharded parameters under ZeRO-3 / FSDP), a collective step every rank runs.
-    With ``sd_locked: false`` the decoder trained too: the full UNet it ran with (the base
-    model's fp32 UNet with the trained decoder) is written next to it, ``<run>/unet/``.
-    """
-    from cn_lightning.utils.checkpoints import gather_trainable_state_dict
-    from cn_lightning.utils.export import (
-        UNET_FOLDER,
-        controlnet_from_trainable_state,
-        decoder_state_from_trainable,
-        save_controlnet_folder,
-        save_unet_folder,
-        trained_unet,
-    )
-
-    state = gather_trainable_state_dict(trainer, module)
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise NumericsError(
-            f"not exporting {out}: {len(bad)} trained tensors are not finite (e.g. {bad[0]})"
-        )
-    if trainer.is_global_zero:
-        controlnet = controlnet_from_trainable_state(module.controlnet.config, state)
-        save_controlnet_folder(controlnet, out)
-        log.info(f"exported ControlNet to {out}")
-        decoder = decoder_state_from_trainable(state)
-        if decoder:
-            hparams = module.hparams
-            unet = trained_unet(hparams.pretrained_model_path, decoder, hparams.get("variant"))
-            save_unet_folder(unet, out.parent / UNET_FOLDER)
-            log.info(f"exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}")
-    trainer.strategy.barrier("export_controlnet")
 
 
 def log_run_summary(cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -324,26 +271,8 @@ def main(cfg: DictConfig) -> None:
     except (CnLightningError, OmegaConfBaseException, InstantiationException) as err:
         # Every rank meets the same error (the checks agree across ranks); one line says it.
         if rank_zero_only.rank == 0:
-            print(f"cn_lightning: error: {user_message(err)}", file=sys.stderr)
+            print(error_line(err), file=sys.stderr)
         sys.exit(2)
-
-
-def user_message(err: BaseException) -> str:
-    """One line for the user: the innermost cn_lightning error if Hydra wrapped one, else the
-    wrapper's first line followed by the innermost cause (e.g. a strategy the Trainer refused)."""
-    cause = err
-    while cause.__cause__ is not None and not isinstance(cause, CnLightningError):
-        cause = cause.__cause__
-    if isinstance(cause, CnLightningError):
-        return _first_line(cause)
-    if cause is not err:
-        return f"{_first_line(err).rstrip(':')}: {type(cause).__name__}: {_first_line(cause)}"
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cn_lightning.atomic import write_json_atomic
 from cn_lightning.data.format import (
     FORMAT_VERSION,
     IMAGE_EXTS,
@@ -34,7 +35,6 @@ from cn_lightning.data.format import (
     encode_npy,
     expand_shard_urls,
     read_manifest,
-    write_json_atomic,
     write_shard_atomic,
 )
 from cn_lightning.data.stream import SkipCounter, iter_tar

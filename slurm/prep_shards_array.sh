@@ -2,7 +2,7 @@
 # Build a million-sample shard set across nodes: one SLURM array task per part.
 # Each task builds shards i with i % SLURM_ARRAY_TASK_COUNT == task index (data_prep reads the
 # SLURM_ARRAY_* variables); reruns skip finished shards, and the last task to finish writes the
-# complete manifest.json. Check the result with: python -m data_prep.inspect "$OUT"
+# complete manifest.json. Check the result with: python -m data_prep.inspect_shards "$OUT"
 #
 # How to submit (settings are environment variables, exported by sbatch to the job):
 #   SRC=/data/laion_subset OUT=/data/shards/laion_canny sbatch slurm/prep_shards_array.sh

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cn_lightning.utils.cli import run_cli
+from cn_lightning.cli import run_cli
 
 
 def cli_error(capsys, main: Callable, argv: list[str]) -> str:

@@ -16,7 +16,7 @@ from cn_lightning.data.format import encode_image, write_shard_atomic
 def make_circle_shards(out: Path, num_samples: int = 48, size: int = 32,
                        samples_per_shard: int = 8, seed: int = 0) -> str:
     """Synthetic-circles shards in ``out``; returns their brace pattern."""
-    from data_prep.synthetic_circles import build_shards
+    from cn_lightning.data.synthetic import build_shards
 
     summary, _ = build_shards(str(out), num_samples, size, seed, samples_per_shard,
                               workers=0, progress=False)

@@ -17,8 +17,8 @@ from cn_lightning.callbacks.convergence import SuddenConvergenceDetector
 from cn_lightning.callbacks.samples import SampleGridLogger, make_grid, sampling_schedule
 from cn_lightning.callbacks.throughput import StepProgressBar, ThroughputLogger, make_progress_bar
 from cn_lightning.data import ShardDataModule
+from cn_lightning.loggers import make_wandb_logger, offline_wandb_dirs
 from cn_lightning.models.module import ControlNetModule
-from cn_lightning.utils.loggers import make_wandb_logger, offline_wandb_dirs
 
 
 @pytest.fixture(scope="module")

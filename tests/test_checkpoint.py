@@ -7,9 +7,8 @@ import torch
 from core_helpers import RandomPairsDataModule
 from diffusers import ControlNetModel
 
+from cn_lightning.models.checkpoints import AtomicCheckpointIO, save_controlnet_folder
 from cn_lightning.models.module import ControlNetModule
-from cn_lightning.utils.checkpoint_io import AtomicCheckpointIO
-from cn_lightning.utils.export import save_controlnet_folder
 
 
 def _tensor_bytes(obj) -> int:

@@ -82,10 +82,14 @@ def test_quickstart_like_short_series():
 
 
 def test_defaults_are_the_documented_thresholds_and_inputs_checked():
-    import inspect
+    import re
+    from pathlib import Path
 
-    params = inspect.signature(detect_sudden_convergence).parameters
-    assert {k: params[k].default for k in DEFAULT_THRESHOLDS} == DEFAULT_THRESHOLDS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([\d.]+) \|", doc, flags=re.M))
+    assert {k: float(v) for k, v in table.items()} == {k: float(v) for k, v in DEFAULT_THRESHOLDS.items()}
+    with pytest.raises(ValueError, match="unknown sudden-convergence thresholds"):
+        detect_sudden_convergence([0, 1], [0.1, 0.2], min_efect=0.1)
     assert detect_sudden_convergence([], []) is None
     with pytest.raises(ValueError):
         detect_sudden_convergence([0, 1], [0.1])

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: E402
 
 from cn_lightning.errors import CheckpointFormatError, CnLightningError  # noqa: E402
+from cn_lightning.models.checkpoints import save_original  # noqa: E402
 from cn_lightning.models.convert_original import (  # noqa: E402
     controlnet_to_original,
     original_to_controlnet,
-    save_original,
 )
 from cn_lightning.models.single_file import config_dir  # noqa: E402
 

@@ -14,10 +14,10 @@ from data_helpers import make_circle_shards, save_tiny_vae, write_raw_tar, write
 from cn_lightning.conditions import ADE20K_PALETTE, canny
 from cn_lightning.data.format import decode_image, decode_npy, expand_shard_urls, read_manifest
 from cn_lightning.data.stream import SkipCounter, iter_tar
+from cn_lightning.data.synthetic import build_shards, circle_sample, ensure_shards
 from cn_lightning.data.transforms import center_crop_resize, image_to_tensor
 from data_prep import ade20k, cache_latents, fill50k, from_images, synthetic_circles
-from data_prep import inspect as inspect_tool
-from data_prep.synthetic_circles import circle_sample, ensure_shards
+from data_prep import inspect_shards as inspect_tool
 
 
 def read_all(spec) -> list[dict]:
@@ -70,7 +70,7 @@ def test_resume_skips_finished_shards_and_redoes_broken_ones(tmp_path):
     os.remove(out / ".stats" / "circles-000002.json")
     (out / "circles-000003.tar.tmp").write_bytes(b"half")
     os.remove(out / "circles-000003.tar")
-    summary, _ = synthetic_circles.build_shards(str(out), 24, 32, 0, 6, progress=False)
+    summary, _ = build_shards(str(out), 24, 32, 0, 6, progress=False)
     assert summary.shards_built == 2 and summary.shards_skipped == 2
     assert (out / "circles-000001.tar").read_bytes() == first
     assert read_manifest(str(out))["complete"] and len(read_all(str(out))) == 24

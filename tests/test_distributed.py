@@ -16,8 +16,8 @@ from diffusers import ControlNetModel
 from distributed_helpers import run_train, subprocess_env, tiny_run_overrides
 
 from cn_lightning.errors import CheckpointFormatError
+from cn_lightning.models.checkpoints import load_trainable_state_dict
 from cn_lightning.train import find_resume_checkpoint
-from cn_lightning.utils.checkpoints import load_trainable_state_dict
 
 BRANCH_DTYPE = {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16",
                 "bf16-true": "torch.bfloat16", "16-mixed": "torch.float16"}

@@ -216,7 +216,7 @@ def workspace(tmp_path_factory) -> Path:
     from distributed_helpers import run_train, subprocess_env, tiny_run_overrides
     from PIL import Image
 
-    from cn_lightning.utils.resolvers import asset
+    from cn_lightning.config import asset
 
     ws = tmp_path_factory.mktemp("docs_ws")
     (ws / "home").mkdir()

@@ -14,17 +14,13 @@ from cli_helpers import cli_error
 from diffusers import ControlNetModel
 from PIL import Image
 
-from cn_lightning.evaluate import (
-    EvalConfig,
-    PipelineSource,
-    build_metrics,
-    evaluate_split,
-    main,
-)
+from cn_lightning.evaluate import main
+from cn_lightning.evaluation import EvalConfig, build_metrics, evaluate_split
+from cn_lightning.inference import PipelineSource
 from cn_lightning.metrics import condition_fidelity
 from cn_lightning.metrics.fidelity import disc_from_outline
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.utils.export import save_controlnet_folder
+from cn_lightning.models.checkpoints import save_controlnet_folder
 
 SIZE = 32
 
@@ -52,7 +48,7 @@ def assets(tiny_sd_path, tmp_path_factory) -> dict:
     import torchvision
     from safetensors.torch import save_file
 
-    from data_prep.synthetic_circles import ensure_shards
+    from cn_lightning.data.synthetic import ensure_shards
 
     root = tmp_path_factory.mktemp("evaluate")
     shards = ensure_shards(str(root / "shards"), num_samples=6, size=SIZE, seed=0)

@@ -16,11 +16,11 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetP
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from cn_lightning.export import find_checkpoint, main
+from cn_lightning.cli import run_cli
+from cn_lightning.export import main
+from cn_lightning.models.checkpoints import find_checkpoint, save_controlnet_folder
 from cn_lightning.models.convert_original import controlnet_to_original
 from cn_lightning.models.module import ControlNetModule
-from cn_lightning.utils.cli import run_cli
-from cn_lightning.utils.export import save_controlnet_folder
 
 EXPORT_HINT = (4, 8, 8, 16)  # the original format needs a 4-stage hint encoder (8x the latent)
 
@@ -215,7 +215,7 @@ def test_bad_input_gives_one_clear_line(default_run, tmp_path, capsys):
 def test_original_file_without_base_gets_the_shipped_config(variant: str) -> None:
     from diffusers import UNet2DConditionModel
 
-    from cn_lightning.models.convert_original import original_controlnet_config
+    from cn_lightning.models.checkpoints import original_controlnet_config
     from cn_lightning.models.single_file import config_dir
 
     with torch.device("meta"):
@@ -229,7 +229,7 @@ def test_original_file_without_base_gets_the_shipped_config(variant: str) -> Non
 def test_original_file_for_another_architecture_is_refused(tiny_sd_path, tmp_path) -> None:
     from cn_lightning.errors import CheckpointFormatError
     from cn_lightning.models.backbone import load_backbone
-    from cn_lightning.models.convert_original import load_original_controlnet, save_original
+    from cn_lightning.models.checkpoints import load_original_controlnet, save_original
     from cn_lightning.models.tiny import build_tiny_components
 
     other = build_tiny_components("small")[0]  # wider UNet than the test backbone

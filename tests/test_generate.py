@@ -14,18 +14,18 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image, ImageDraw
 
 from cn_lightning.conditions import get_extractor
-from cn_lightning.generate import (
+from cn_lightning.generate import main
+from cn_lightning.inference import (
     Control,
     GenerationSettings,
     build_pipeline,
     default_size,
     generate,
     load_controlnet,
-    main,
     prepare_condition,
 )
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.utils.export import save_controlnet_folder
+from cn_lightning.models.checkpoints import save_controlnet_folder
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -157,7 +157,7 @@ def test_guess_mode_and_size_options(assets):
 def test_default_size_is_the_backbones_own_and_none_means_no_extractor(assets):
     # The tiny models and the toy backbone train at 32 px, and their configs say so:
     # UNet sample_size (latent cells) x the VAE factor.
-    from cn_lightning.utils.resolvers import asset
+    from cn_lightning.config import asset
 
     for path in (assets["base"], asset("toy_sd")):
         backbone = load_backbone(path)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cn_lightning.conditions import ADE20K_PALETTE, canny
+from cn_lightning.data.synthetic import circle_sample
 from cn_lightning.metrics.fidelity import (
     ConditionFidelity,
     condition_fidelity,
@@ -15,7 +16,6 @@ from cn_lightning.metrics.fidelity import (
     fidelity_metric_for,
     foreground_mask,
 )
-from data_prep.synthetic_circles import circle_sample
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:

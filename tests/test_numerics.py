@@ -14,9 +14,9 @@ from distributed_helpers import run_train, subprocess_env, tiny_run_overrides
 from test_precision_matrix import _cfg, circle_shards  # noqa: F401 (fixture)
 
 from cn_lightning.errors import NumericsError
+from cn_lightning.models.checkpoints import load_trainable_state_dict
 from cn_lightning.models.module import ControlNetModule
 from cn_lightning.train import train
-from cn_lightning.utils.checkpoints import load_trainable_state_dict
 
 
 def _all_finite(state: dict) -> bool:

@@ -11,10 +11,9 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
+from cn_lightning.atomic import atomic_directory, atomic_file
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.models.convert_original import save_original
-from cn_lightning.utils.atomic import atomic_directory, atomic_file
-from cn_lightning.utils.export import save_controlnet_folder
+from cn_lightning.models.checkpoints import save_controlnet_folder, save_original
 
 
 @pytest.fixture(params=[0o022, 0o027])
@@ -45,7 +44,7 @@ def test_atomic_writers_follow_the_umask(tmp_path, umask):
 
 def test_exports_are_readable_by_the_group_under_umask_022(tiny_sd_path, tmp_path):
     from cn_lightning.export import main as export_main
-    from cn_lightning.generate import save_png
+    from cn_lightning.inference import save_png
 
     old = os.umask(0o022)
     try:

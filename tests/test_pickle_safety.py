@@ -22,11 +22,8 @@ from cli_helpers import cli_error
 from PIL import Image
 
 from cn_lightning.errors import UnsafeCheckpointError
-from cn_lightning.utils.checkpoints import (
-    load_trainable_state_dict,
-    safe_torch_load,
-    verify_safe_checkpoint,
-)
+from cn_lightning.models.checkpoints import load_trainable_state_dict
+from cn_lightning.serialization import safe_torch_load, verify_safe_checkpoint
 
 SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
@@ -263,7 +260,7 @@ def test_generate_module_entry_point(tiny_sd_path, condition, tmp_path, marker):
 
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> str:
-    from data_prep.synthetic_circles import ensure_shards
+    from cn_lightning.data.synthetic import ensure_shards
 
     return ensure_shards(
         str(tmp_path_factory.mktemp("val") / "shards"), num_samples=2, size=32, seed=0

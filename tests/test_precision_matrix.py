@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from cn_lightning.errors import ConfigError
-from cn_lightning.train import checkpoint_step, train
+from cn_lightning.models.checkpoints import checkpoint_step
+from cn_lightning.train import train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from diffusers import ControlNetModel
 from PIL import Image
 
-from cn_lightning.utils.resolvers import asset
+from cn_lightning.config import asset
 
 
 def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, Path]:

@@ -16,7 +16,7 @@ import pytest
 from distributed_helpers import run_train, subprocess_env, tiny_run_overrides
 from safetensors.torch import load_file
 
-from cn_lightning.train import checkpoint_step
+from cn_lightning.models.checkpoints import checkpoint_step
 
 STEPS = 9
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from cn_lightning.config import asset
 from cn_lightning.models.backbone import load_backbone
 from cn_lightning.models.diffusion import encode_prompt
 from cn_lightning.models.toy import colour_statistics, nearest_colour_names, text_to_image
-from cn_lightning.utils.resolvers import asset
 
 # Well-separated palette colours, so a wrong colour cannot pass as a near neighbour.
 PAIRS = [("red", "blue"), ("yellow", "navy"), ("lime", "maroon"), ("white", "black"),
@@ -23,7 +23,7 @@ PAIRS = [("red", "blue"), ("yellow", "navy"), ("lime", "maroon"), ("white", "bla
 
 
 def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
-    from data_prep.synthetic_circles import COLOURS, circle_prompt
+    from cn_lightning.data.synthetic import COLOURS, circle_prompt
 
     backbone = load_backbone(asset("toy_sd"))
 
@@ -68,7 +68,7 @@ def test_committed_backbone_says_how_it_was_made():
 def test_the_quickstart_config_uses_the_committed_backbone():
     from hydra import compose, initialize_config_dir
 
-    from cn_lightning.utils.resolvers import register_resolvers
+    from cn_lightning.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 
 from cn_lightning.errors import ConfigError
 from cn_lightning.export import main as export_main
-from cn_lightning.generate import build_pipeline, load_controlnets
+from cn_lightning.inference import build_pipeline, load_controlnets
 from cn_lightning.models.backbone import load_backbone
+from cn_lightning.models.checkpoints import export_from_trainer, save_controlnet_folder
+from cn_lightning.models.controlnet import DECODER_PREFIXES
 from cn_lightning.models.module import ControlNetModule
-from cn_lightning.train import export_trained_controlnet
-from cn_lightning.utils.export import DECODER_PREFIXES, save_controlnet_folder
 
 HINT = (4, 8, 8, 16)  # the original format's 4-stage hint encoder: condition = 8x latent
 IMAGE, LATENT, COND = 16, 8, 16  # the default tiny run: condition = 2x latent
@@ -91,7 +91,7 @@ def _train_unlocked(
     # Larger decoder changes than 3 small steps make, so "differs from the base UNet" is unambiguous.
     _perturb(_decoder_params(module.unet), seed=4)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    export_trained_controlnet(trainer, module, run_dir / "controlnet")
+    export_from_trainer(trainer, module, run_dir / "controlnet")
     return run_dir, module.eval()
 
 
@@ -213,8 +213,7 @@ def test_pipeline_images_match_the_module_sampler(run, tiny_sd_path):
 def test_original_format_writes_the_unet_in_sd_layout(run4, tiny_sd_path, tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from cn_lightning.export import load_any_controlnet
-    from cn_lightning.utils.export import find_companion_unet
+    from cn_lightning.models.checkpoints import find_companion_unet, load_any_controlnet
 
     run_dir, module = run4
     source = tmp_path / "control_tiny.safetensors"
@@ -268,7 +267,8 @@ def test_original_format_writes_the_unet_in_sd_layout(run4, tiny_sd_path, tmp_pa
 
 
 def test_evaluate_uses_the_fine_tuned_unet(run, tiny_sd_path, tmp_path):
-    from cn_lightning.evaluate import EvalConfig, PipelineSource
+    from cn_lightning.evaluation import EvalConfig
+    from cn_lightning.inference import PipelineSource
 
     run_dir, module = run
     cfg = EvalConfig(

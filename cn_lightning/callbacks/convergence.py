@@ -24,7 +24,6 @@ on every new point (a detection that later turns out to be the start of a ramp i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,10 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 
 from cn_lightning import log
+from cn_lightning.atomic import write_json_atomic
+from cn_lightning.errors import ConfigError
 
+# The one home of the rule's thresholds (the configs and docs/observability.md refer to it).
 DEFAULT_THRESHOLDS: dict[str, float | int] = {
     "min_effect": 0.1,
     "min_snr": 4.0,
@@ -50,28 +52,21 @@ DEFAULT_THRESHOLDS: dict[str, float | int] = {
 
 
 def detect_sudden_convergence(
-    steps: Sequence[int],
-    values: Sequence[float],
-    *,
-    min_effect: float = 0.1,
-    min_snr: float = 4.0,
-    noise_floor: float = 0.02,
-    jump_share: float = 0.6,
-    rise_points: int = 2,
-    plateau_spread: float = 0.4,
-    persistence: int = 3,
-    min_baseline_points: int = 3,
-    sustain_fraction: float = 0.8,
+    steps: Sequence[int], values: Sequence[float], **thresholds: float | int
 ) -> int | None:
     """The optimizer step of a sudden, sustained jump in ``values``, or ``None``.
 
     Args:
         steps: increasing optimizer steps of the points (the first is usually the baseline at 0).
         values: the fidelity at those steps (higher = follows the condition better).
-        Thresholds: see the module docstring.
+        thresholds: overrides of :data:`DEFAULT_THRESHOLDS` (see the module docstring).
     """
     if len(steps) != len(values):
         raise ValueError(f"{len(steps)} steps but {len(values)} values")
+    t = resolve_thresholds(thresholds)
+    min_effect, min_snr, noise_floor = t["min_effect"], t["min_snr"], t["noise_floor"]
+    jump_share, plateau_spread, sustain_fraction = t["jump_share"], t["plateau_spread"], t["sustain_fraction"]
+    persistence, rise_points, min_baseline_points = t["persistence"], t["rise_points"], t["min_baseline_points"]
     v = np.asarray(values, dtype=np.float64)
     persistence, rise_points = max(1, int(persistence)), max(1, int(rise_points))
     start = max(1, int(min_baseline_points))
@@ -85,6 +80,16 @@ def detect_sudden_convergence(
             first = next(j for j in range(max(start, k - rise_points + 1), k + 1) if v[j] > midpoint)
             return int(steps[first])
     return None
+
+
+def resolve_thresholds(overrides: dict[str, float | int]) -> dict[str, float | int]:
+    """:data:`DEFAULT_THRESHOLDS` with ``overrides``; an unknown name is a :class:`ConfigError`."""
+    unknown = set(overrides) - set(DEFAULT_THRESHOLDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown sudden-convergence thresholds {sorted(unknown)}; known: {sorted(DEFAULT_THRESHOLDS)}"
+        )
+    return {**DEFAULT_THRESHOLDS, **overrides}
 
 
 def _sudden_jump_midpoint(
@@ -134,14 +139,10 @@ class SuddenConvergenceDetector(L.Callback):
         out_path: str | os.PathLike | None = None,
         **thresholds: float | int,
     ) -> None:
-        unknown = set(thresholds) - set(DEFAULT_THRESHOLDS)
-        if unknown:
-            raise ValueError(f"unknown detector thresholds {sorted(unknown)}; "
-                             f"known: {sorted(DEFAULT_THRESHOLDS)}")
+        self.thresholds = resolve_thresholds(thresholds)
         self.metric = metric
         self.stop_after_steps = stop_after_steps
         self.out_path = Path(out_path) if out_path else None
-        self.thresholds = {**DEFAULT_THRESHOLDS, **thresholds}
         self.detected_step: int | None = None
         self.announced_at_step: int | None = None
         self._seen = 0
@@ -216,7 +217,6 @@ class SuddenConvergenceDetector(L.Callback):
         if not trainer.is_global_zero:
             return None
         path = self.out_path or Path(trainer.default_root_dir) / "convergence.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "sudden_convergence_step": self.detect(history),
             "announced_at_step": self.announced_at_step,
@@ -225,10 +225,7 @@ class SuddenConvergenceDetector(L.Callback):
             "rule": RULE,
             "series": history,
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(path)
-        return path
+        return write_json_atomic(path, payload, indent=2)
 
     def state_dict(self) -> dict[str, Any]:
         return {"detected_step": self.detected_step, "announced_at_step": self.announced_at_step}

@@ -16,7 +16,6 @@ that another rank skips, so nothing hangs and nothing is computed twice.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import time
@@ -30,10 +29,9 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from cn_lightning import log
 from cn_lightning.errors import DataError
 from cn_lightning.metrics.fidelity import condition_fidelity, resolve_fidelity
-
-log = logging.getLogger(__name__)
 
 COLUMNS = ("condition", "samples", "samples_no_prompt", "target")
 
@@ -234,7 +232,7 @@ class SampleGridLogger(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad(), _precision_context(trainer, pl_module):
+            with torch.no_grad(), precision_context(trainer, pl_module):
                 samples = pl_module.sample(condition, prompts, **kwargs).float().cpu()
                 # With the empty prompt both guidance branches are the same ("" and the same
                 # condition), so guidance 1 gives the same image at half the cost.
@@ -292,8 +290,8 @@ class SampleGridLogger(L.Callback):
                 logger.experiment.add_image("samples/grid", grid, step, dataformats="HWC")
                 logger.experiment.add_text("samples/caption", caption, step)
         log.info(
-            "[cn_lightning] samples at step %d%s, %.1f s (%.1f%% of training time) -> %s",
-            step, fid, entry["sampling_s"], 100 * entry["sampling_share"], path,
+            f"samples at step {step}{fid}, {entry['sampling_s']:.1f} s "
+            f"({100 * entry['sampling_share']:.1f}% of training time) -> {path}"
         )
         return path
 
@@ -315,9 +313,10 @@ class SampleGridLogger(L.Callback):
             batch = _first_val_samples(trainer.datamodule, self.num_samples)
         n = self.num_samples
         if len(batch["prompt"]) < n:
-            log.warning("sample grid: only %d samples available for num_samples=%d (the fixed "
-                        "set comes from one batch; set data.val_shards for more)",
-                        len(batch["prompt"]), n)
+            log.warning(
+                f"sample grid: only {len(batch['prompt'])} samples available for num_samples={n} "
+                "(the fixed set comes from one batch; set data.val_shards for more)"
+            )
         fixed = {
             "condition": _to_uint8(batch["condition"][:n].float()),
             "prompt": [str(p) for p in batch["prompt"][:n]],
@@ -372,7 +371,7 @@ def _all_gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def _precision_context(trainer: L.Trainer, pl_module) -> contextlib.AbstractContextManager:
+def precision_context(trainer: L.Trainer, pl_module) -> contextlib.AbstractContextManager:
     """Sample under the training precision: the precision plugin's forward context, plus
     autocast when the trainable weights themselves are half precision (DeepSpeed fp16/bf16),
     since ``sample`` feeds fp32 latents."""
@@ -384,4 +383,4 @@ def _precision_context(trainer: L.Trainer, pl_module) -> contextlib.AbstractCont
     return stack
 
 
-__all__ = ["SampleGridLogger", "images_to_grid", "make_grid", "sampling_schedule"]
+__all__ = ["SampleGridLogger", "images_to_grid", "make_grid", "precision_context", "sampling_schedule"]

@@ -145,10 +145,10 @@ def count_flops_per_sample(trainer: L.Trainer, pl_module, batch: dict[str, Any])
     Runs the encoders, the ControlNet and the full controlled UNet once on the first sample,
     without gradients, on every rank alike (ZeRO-3 gathers parameters collectively).
     """
-    from cn_lightning.callbacks.samples import _precision_context
+    from cn_lightning.callbacks.samples import precision_context
 
     one = {k: v[:1] for k, v in batch.items() if k in ("image", "latent", "condition", "prompt")}
-    with torch.no_grad(), _precision_context(trainer, pl_module):
+    with torch.no_grad(), precision_context(trainer, pl_module):
         with FlopCounterMode(display=False) as counter:
             if "latent" in one:
                 latents = one["latent"].float() * pl_module.vae.config.scaling_factor

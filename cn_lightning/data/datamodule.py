@@ -10,7 +10,6 @@ Batch contract (dict):
 
 from __future__ import annotations
 
-import logging
 import os
 
 import lightning as L
@@ -18,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from cn_lightning import log
 from cn_lightning.data.format import check_shards, expand_shard_urls, manifest_num_samples
 from cn_lightning.data.stream import (
     ShardStream,
@@ -26,8 +26,6 @@ from cn_lightning.data.stream import (
     check_enough_shards,
 )
 from cn_lightning.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 class ShardCountError(DataError, TooFewShardsError):
@@ -172,9 +170,10 @@ class ShardDataModule(L.LightningDataModule):
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
         if changed:
             log.warning(
-                "[cn_lightning] the data stream resumes at epoch %s after %s batches, but not with "
-                "the same samples as an uninterrupted run: %s changed since the checkpoint",
-                state.get("epoch"), state.get("batches_done"), ", ".join(changed))
+                f"the data stream resumes at epoch {state.get('epoch')} after {state.get('batches_done')} "
+                "batches, but not with the same samples as an uninterrupted run: "
+                f"{', '.join(changed)} changed since the checkpoint"
+            )
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -346,14 +345,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.build_train_dataset()
+        cfg = dataset.cfg
         log.info(
-            "train stream: %d shards, rank %d/%d, epoch %d after %d batches, %s batches/epoch",
-            len(dataset.cfg.urls),
-            dataset.cfg.rank,
-            dataset.cfg.world_size,
-            dataset.epoch,
-            dataset.cfg.skip_batches,
-            dataset.cfg.batches_per_epoch or "endless",
+            f"train stream: {len(cfg.urls)} shards, rank {cfg.rank}/{cfg.world_size}, epoch "
+            f"{dataset.epoch} after {cfg.skip_batches} batches, "
+            f"{cfg.batches_per_epoch or 'endless'} batches/epoch",
+            all_ranks=True,
         )
         return self._loader(dataset, start_epoch=dataset.epoch)
 

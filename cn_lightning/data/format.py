@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import webdataset as wds
 
+from cn_lightning.atomic import atomic_file
 from cn_lightning.errors import DataError
 
 FORMAT_VERSION = "cn_lightning.shards/v1"
@@ -108,33 +109,22 @@ def decode_npy(data: bytes) -> np.ndarray:
 def write_shard_atomic(path: str, samples: Iterable[dict[str, bytes | str]]) -> tuple[int, int]:
     """Write samples (``{"__key__": k, "jpg": bytes, "txt": bytes, ...}``) to ``path``.
 
-    Written to ``path + ".tmp"`` first and renamed at the end, so a killed run never leaves a
+    Written atomically (:func:`cn_lightning.atomic.atomic_file`), so a killed run never leaves a
     half-written shard that a rerun would take as finished. Returns (num_samples, num_bytes).
     """
-    tmp = f"{path}.tmp"
     count = 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
-        for sample in samples:
-            check_key(sample["__key__"])
-            writer.write(
-                {
-                    k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
-                    for k, v in sample.items()
-                }
-            )
-            count += 1
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
+            for sample in samples:
+                check_key(sample["__key__"])
+                writer.write(
+                    {
+                        k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
+                        for k, v in sample.items()
+                    }
+                )
+                count += 1
     return count, os.path.getsize(path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """JSON to ``path`` via a per-process temp file and ``os.replace`` (safe for concurrent
-    SLURM array tasks writing the same manifest)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(directory: str) -> dict | None:

@@ -9,7 +9,6 @@ exactly the number of batches it was given, whatever the shard sizes.
 from __future__ import annotations
 
 import io
-import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
+from cn_lightning import log
 from cn_lightning.conditions import is_discrete
 from cn_lightning.data.format import (
     IMAGE_EXTS,
@@ -31,8 +31,6 @@ from cn_lightning.data.format import (
     tar_samples,
 )
 from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
-
-log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("open_error", "corrupt_tar", "missing_image", "missing_condition",
                 "decode_error", "size_mismatch", "bad_latent")
@@ -101,7 +99,7 @@ class SkipCounter:
         self.counts[reason] += 1
         self.first.setdefault(reason, f"{where}{f': {detail}' if detail else ''}")
         if sum(self.counts.values()) <= _MAX_WARNINGS:
-            log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+            log.warning(f"skipping {where} ({reason}){f': {detail}' if detail else ''}", all_ranks=True)
 
     def describe(self) -> str:
         """One line: how many were skipped, by reason, with the first case of each."""

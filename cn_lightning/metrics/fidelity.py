@@ -23,7 +23,6 @@ Every score is in [0, 1], higher = follows the condition better; ``"fidelity"`` 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +40,7 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-log = logging.getLogger(__name__)
+from cn_lightning import log
 
 CIRCLE_KEYS = ("outline",)
 EDGE_KEYS = ("canny", "hed", "pidi", "mlsd", "scribble", "lineart", "softedge", "edge", "sketch")
@@ -87,12 +86,12 @@ def resolve_fidelity(
         try:
             extractor = get_extractor(condition_key, **(extractor_options or {}))
         except Exception as err:  # noqa: BLE001 - any construction failure means "not configured"
-            log.warning("condition extractor %r unavailable for fidelity (%s)", condition_key, err)
+            log.warning(f"condition extractor {condition_key!r} unavailable for fidelity ({err})")
     if metric == "edge_f1" and extractor is None:
-        log.warning("fidelity for %r: comparing Canny edges of the samples", condition_key)
+        log.warning(f"fidelity for {condition_key!r}: comparing Canny edges of the samples")
         extractor = get_extractor("canny")
     if metric == "seg_miou" and extractor is None:
-        log.warning("fidelity for %r: no segmenter configured, falling back to SSIM", condition_key)
+        log.warning(f"fidelity for {condition_key!r}: no segmenter configured, falling back to SSIM")
         metric = "ssim"
     return metric, extractor
 

@@ -18,10 +18,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cn_lightning.errors import BackboneLoadError
+from cn_lightning.errors import BackboneLoadError, first_line
+from cn_lightning.serialization import SINGLE_FILE_SUFFIXES
 
 DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -115,9 +115,8 @@ def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> dict:
             ),
         }
     except (OSError, ValueError, KeyError, TypeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneLoadError(
-            f"could not load the Stable Diffusion model in {str(path)!r}: {first_line}"
+            f"could not load the Stable Diffusion model in {str(path)!r}: {first_line(err)}"
         ) from err
 
 

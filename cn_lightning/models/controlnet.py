@@ -9,17 +9,24 @@ per skip connection (``controlnet_down_blocks``) plus one for the middle block
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from cn_lightning.errors import BackboneLoadError, ConfigError
+from cn_lightning.errors import ConfigError
 
 # The paper's condition encoder: 3x3 convs with a stride-2 step between these widths.
 PAPER_HINT_CHANNELS = (16, 32, 96, 256)
+
+# Key prefixes of the module's state dict: the branch, and the locked UNet.
+CONTROLNET_PREFIX = "controlnet."
+UNET_PREFIX = "unet."
+# The UNet parts ``sd_locked: false`` trains (the original's output blocks and output head).
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+# What training changes, hence what checkpoints and exports hold: the branch, and the decoder
+# when it is unlocked.
+TRAINABLE_PREFIXES = (CONTROLNET_PREFIX, *(UNET_PREFIX + p for p in DECODER_PREFIXES))
 
 
 def hint_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
@@ -37,20 +44,20 @@ def hint_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
 def build_controlnet(
     unet: UNet2DConditionModel,
     vae_scale_factor: int = 8,
-    pretrained_path: str | os.PathLike | None = None,
+    pretrained: ControlNetModel | None = None,
     conditioning_channels: int = 3,
 ) -> ControlNetModel:
-    """Create the control branch as a trainable copy of ``unet``'s encoder, in fp32.
+    """The control branch in fp32, trainable: a copy of ``unet``'s encoder, or ``pretrained``.
 
     Args:
         unet: the locked UNet; its encoder and middle block weights are copied.
         vae_scale_factor: pixels per latent cell; sets the condition encoder's depth.
-        pretrained_path: start from an existing ControlNet instead (a diffusers folder, or an
-            original-format ``control_*.safetensors``/``.pth`` file) to fine-tune or resume.
+        pretrained: an existing ControlNet to fine-tune instead (read with
+            :func:`cn_lightning.models.checkpoints.load_controlnet`).
         conditioning_channels: channels of the condition image (3 for RGB maps).
     """
-    if pretrained_path is not None:
-        controlnet = load_pretrained_controlnet(pretrained_path, unet)
+    if pretrained is not None:
+        controlnet = pretrained
     else:
         controlnet = ControlNetModel.from_unet(
             unet,
@@ -63,27 +70,6 @@ def build_controlnet(
     controlnet.train()
     controlnet.requires_grad_(True)
     return controlnet
-
-
-def load_pretrained_controlnet(
-    path: str | os.PathLike, unet: UNet2DConditionModel | None = None
-) -> ControlNetModel:
-    """Load a released ControlNet from a diffusers folder or an original-format file."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.exists():
-        raise BackboneLoadError(
-            f"ControlNet path {str(path)!r} does not exist: expected a diffusers ControlNet "
-            "folder (config.json + weights) or an original-format .safetensors/.pth file"
-        )
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BackboneLoadError(
-                f"{str(path)!r} is not a diffusers ControlNet folder: no config.json in it"
-            )
-        return ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
-    from cn_lightning.models.convert_original import load_original_controlnet
-
-    return load_original_controlnet(path, unet=unet)
 
 
 def expand_control_scales(

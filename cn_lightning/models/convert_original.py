@@ -15,13 +15,10 @@ sub-layer names change.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from cn_lightning.errors import CheckpointFormatError
@@ -248,44 +245,11 @@ def _label_embeddings_to_diffusers(state_dict: Mapping[str, Tensor], config: Map
     return out
 
 
-def save_original(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
-    """Write ``state_dict`` atomically: ``.safetensors`` by default, a pickled dict for ``.pth/.pt/.ckpt``.
-
-    ``dtype`` casts floating-point tensors (e.g. ``torch.float16`` for a 723 MB SD1.5 ControlNet).
-    The file is written to a temporary name in the same folder and moved into place, so a crash
-    never leaves a truncated checkpoint under the final name.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pth", ".pt", ".ckpt"):
-        raise CheckpointFormatError(f"{path}: expected a .safetensors, .pth, .pt or .ckpt file name")
-    from cn_lightning.utils.atomic import atomic_file
-
-    tensors = {k: _prepare(v, dtype) for k, v in state_dict.items()}
-    with atomic_file(path) as tmp:
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, tmp)
-    return path
-
-
-def _prepare(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """Detach, move to CPU, optionally cast floats, and make contiguous (safetensors needs it)."""
-    tensor = tensor.detach().cpu()
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.contiguous()
-
-
 # ------------------------------------------------------------------------------------- import
 _HINT_STAGE_KEYS = ("input_hint_block.0", "input_hint_block.4", "input_hint_block.8", "input_hint_block.12")
-_CROSS_ATTN_PROBE = re.compile(r"(input_blocks\.\d+\.\d+|middle_block\.\d+)\.transformer_blocks\.0\.attn2\.to_k\.weight")
 
 
-def _strip_control_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_control_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``control_model.`` prefix (and any other top-level keys) if the file has one."""
     if any(k.startswith(CONTROL_PREFIX) for k in state_dict):
         return {k[len(CONTROL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
@@ -294,7 +258,7 @@ def _strip_control_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
 
 def hint_encoder_shape(state_dict: Mapping[str, Tensor]) -> tuple[tuple[int, ...], int]:
     """``(conditioning_embedding_out_channels, conditioning_channels)`` read from an original hint encoder."""
-    state = _strip_control_prefix(state_dict)
+    state = strip_control_prefix(state_dict)
     missing = [k for k in _HINT_STAGE_KEYS if f"{k}.weight" not in state]
     if missing:
         raise CheckpointFormatError(
@@ -302,91 +266,3 @@ def hint_encoder_shape(state_dict: Mapping[str, Tensor]) -> tuple[tuple[int, ...
         )
     channels = tuple(int(state[f"{k}.weight"].shape[0]) for k in _HINT_STAGE_KEYS)
     return channels, int(state["input_hint_block.0.weight"].shape[1])
-
-
-def original_controlnet_config(state_dict: Mapping[str, Tensor], unet: Any | None = None) -> dict[str, Any]:
-    """The diffusers ``ControlNetModel`` config of an original-format ControlNet.
-
-    With ``unet`` the architecture is ``ControlNetModel.from_unet(unet)``'s; without it, the shipped
-    SD1.5 or SD2.1 ControlNet config is picked from the cross-attention width of the tensors.
-    The hint encoder's widths and input channels always come from the tensors.
-    """
-    from diffusers import ControlNetModel
-
-    channels, cond_channels = hint_encoder_shape(state_dict)
-    if unet is not None:
-        with torch.device("meta"):
-            model = ControlNetModel.from_unet(
-                unet,
-                conditioning_embedding_out_channels=channels,
-                conditioning_channels=cond_channels,
-                load_weights_from_unet=False,
-            )
-        config = dict(model.config)
-    else:
-        config = _shipped_controlnet_config(_strip_control_prefix(state_dict))
-    config.update(conditioning_embedding_out_channels=list(channels), conditioning_channels=cond_channels)
-    return config
-
-
-def _shipped_controlnet_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    import json
-
-    from cn_lightning.models.single_file import config_dir
-
-    probe = next((v for k, v in state.items() if _CROSS_ATTN_PROBE.fullmatch(k)), None)
-    width = None if probe is None else int(probe.shape[1])
-    variant = {768: "sd15", 1024: "sd21"}.get(width)  # type: ignore[arg-type]
-    if variant is None:
-        raise CheckpointFormatError(
-            f"cannot tell the architecture of this ControlNet (cross-attention width {width}); "
-            "expected SD1.x (768) or SD2.x (1024), or pass the base model's UNet"
-        )
-    config = json.loads((config_dir(variant) / "controlnet" / "config.json").read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def load_original_controlnet(
-    path: str | os.PathLike[str],
-    unet: Any | None = None,
-    torch_dtype: torch.dtype = torch.float32,
-) -> Any:
-    """Load an original-format ControlNet file (``control_*.safetensors`` / ``.pth``) as a ``ControlNetModel``.
-
-    The config comes from ``unet`` (the base model the ControlNet will drive) or, without it, from
-    the shipped SD1.5/SD2.1 configs; the keys are mapped with diffusers' own converter
-    (:func:`original_to_controlnet`) and loaded strictly, so a tensor that is missing, left over
-    or of the wrong shape is a :class:`CheckpointFormatError` naming it. Pickled files are read
-    with the allow-list of ``safe_torch_load`` (a pickle that would run code is refused).
-    """
-    from diffusers import ControlNetModel
-
-    from cn_lightning.errors import BackboneLoadError
-    from cn_lightning.models.single_file import load_checkpoint
-
-    try:
-        state = load_checkpoint(path)
-    except BackboneLoadError as err:
-        raise CheckpointFormatError(str(err).replace("Stable Diffusion", "ControlNet")) from err
-    config = original_controlnet_config(state, unet)
-    converted = original_to_controlnet(state, config)
-    with torch.device("meta"):
-        model = ControlNetModel.from_config(config)
-    try:
-        model.load_state_dict(converted, strict=True, assign=True)
-    except RuntimeError as err:
-        first = _first_problem(str(err))
-        raise CheckpointFormatError(f"{path}: does not fit the base model's ControlNet architecture: {first}") from err
-    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise CheckpointFormatError(f"{path}: no weights for {still_meta[0]!r}")
-    if any(p.dtype != torch_dtype for p in model.parameters()):
-        model.to(dtype=torch_dtype)
-    return model.eval()
-
-
-def _first_problem(message: str) -> str:
-    """The first specific line of a ``load_state_dict`` error (missing key, size mismatch, ...)."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    detail = [ln for ln in lines[1:] if ln]
-    return (detail[0] if detail else lines[0]) if lines else "state dict mismatch"

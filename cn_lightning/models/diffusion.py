@@ -11,8 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from cn_lightning.errors import ConfigError
+
+# The inference schedulers offered everywhere (sample grids, generate, evaluate), by name.
+SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+
+
+def make_sampler(name: str, scheduler_config: dict) -> DDIMScheduler | UniPCMultistepScheduler:
+    """A fresh inference scheduler ``name`` sharing the training noise schedule ``scheduler_config``."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name].from_config(scheduler_config)
 
 
 class FrozenPartsMixin:

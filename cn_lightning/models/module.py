@@ -18,24 +18,28 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from cn_lightning import log
 from cn_lightning.data.stream import derive_seed
 from cn_lightning.errors import ConfigError, NumericsError
 from cn_lightning.models.backbone import freeze_backbone, load_backbone, parse_dtype
-from cn_lightning.models.controlnet import build_controlnet, expand_control_scales, scale_residuals
+from cn_lightning.models.checkpoints import load_controlnet
+from cn_lightning.models.controlnet import (
+    CONTROLNET_PREFIX,
+    DECODER_PREFIXES,
+    UNET_PREFIX,
+    build_controlnet,
+    expand_control_scales,
+    scale_residuals,
+)
 from cn_lightning.models.diffusion import (
+    SAMPLERS,
     FrozenPartsMixin,
     diffusion_target,
     drop_prompts,
     encode_prompt,
+    make_sampler,
 )
-
-SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
-# With sd_locked=False the original also trains the decoder ("output_blocks") and the output
-# head ("out" = norm + conv); these are diffusers' names for them.
-DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
 
 
 def default_optimizer(params: Iterable, lr: float) -> torch.optim.Optimizer:
@@ -124,7 +128,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         self.controlnet = build_controlnet(
             backbone.unet,
             vae_scale_factor=self.vae_scale_factor,
-            pretrained_path=controlnet_path,
+            pretrained=load_controlnet(controlnet_path, backbone.unet) if controlnet_path else None,
             conditioning_channels=conditioning_channels,
         )
         decoder_fp32 = {} if sd_locked else _decoder_parameters(backbone.unet)
@@ -158,10 +162,6 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
                 param.requires_grad_(True)
         self.unet.up_blocks.train()
 
-    def trainable_parameter_names(self) -> list[str]:
-        """Names (as in ``named_parameters``) of every parameter the optimizer updates."""
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only trainable tensors: the ControlNet (and the decoder when unlocked).
 
@@ -169,22 +169,24 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         ever holds a second copy of the frozen backbone.
         """
         full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
-        keep = {prefix + n for n in self._checkpointed_names()}
+        keep = {prefix + n for n in self.checkpointed_names()}
         out = destination if destination is not None else type(full)()
         for key, value in full.items():
             if key in keep:
                 out[key] = value
         return out
 
-    def _checkpointed_names(self) -> list[str]:
-        names = [f"controlnet.{n}" for n in self.controlnet.state_dict()]
+    def checkpointed_names(self) -> list[str]:
+        """The keys :meth:`state_dict` keeps (what checkpoints hold): the branch's, and the
+        decoder's when it is unlocked."""
+        names = [CONTROLNET_PREFIX + n for n in self.controlnet.state_dict()]
         if not self.hparams.sd_locked:
-            names += [f"unet.{n}" for n in self.unet.state_dict() if n.startswith(DECODER_PREFIXES)]
+            names += [UNET_PREFIX + n for n in self.unet.state_dict() if n.startswith(DECODER_PREFIXES)]
         return names
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a trainable-only state dict; the frozen backbone is already in place."""
-        expected = set(self._checkpointed_names())
+        expected = set(self.checkpointed_names())
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected - set(super().state_dict()))
         if strict and (missing or unexpected):
@@ -449,9 +451,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
 
     def make_sampler(self, name: str | None = None):
         """A fresh inference scheduler (DDIM or UniPC) sharing the training noise schedule."""
-        name = name or self.hparams.sampler
-        _check_choice("sampler", name, tuple(SAMPLERS))
-        return SAMPLERS[name].from_config(self.noise_scheduler.config)
+        return make_sampler(name or self.hparams.sampler, self.noise_scheduler.config)
 
     def _initial_latents(self, condition: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
         b, _, h, w = condition.shape
@@ -582,7 +582,7 @@ class NonFiniteGuard:
 
 
 def sampler_is_ddim(scheduler) -> bool:
-    return isinstance(scheduler, DDIMScheduler)
+    return isinstance(scheduler, SAMPLERS["ddim"])
 
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cn_lightning.errors import BackboneLoadError
+from cn_lightning.errors import BackboneLoadError, ConfigError, first_line
+from cn_lightning.serialization import read_state_dict
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CLIP_BPE_DIR = CONFIG_ROOT / "clip_bpe"
@@ -28,13 +29,14 @@ VARIANTS = ("sd15", "sd21", "sd21-base")
 # SD2 weights cannot tell v-prediction (768) from epsilon (512 "base"): the file must record it,
 # or the user names the variant. Never guessed.
 SD2_VARIANT_BY_PREDICTION = {"v_prediction": "sd21", "epsilon": "sd21-base"}
+# The shipped config whose cross-attention width (the text encoder's) a model has.
+SHIPPED_VARIANT_BY_WIDTH = {768: "sd15", 1024: "sd21"}
 
 _UNET_PROBE = "model.diffusion_model.input_blocks.0.0.weight"
 _VAE_PROBE = "first_stage_model.encoder.conv_in.weight"
 _CLIP_PROBE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 _OPEN_CLIP_PROBE = "cond_stage_model.model.token_embedding.weight"
 _CROSS_ATTN_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
-_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def config_dir(variant: str) -> Path:
@@ -44,53 +46,16 @@ def config_dir(variant: str) -> Path:
     return CONFIG_ROOT / variant
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Read a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` file into a flat CPU state dict.
-
-    Pickled files are read with ``torch.load(weights_only=True)`` and the allow-list of
-    :func:`cn_lightning.utils.checkpoints.safe_torch_load`: a pickle that would call anything else
-    is refused (:class:`~cn_lightning.errors.UnsafeCheckpointError`). A Lightning-style
-    ``{"state_dict": ...}`` wrapper is unwrapped.
-    """
-    return _read_checkpoint(path)[0]
-
-
-def _read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The flat state dict and the file's non-tensor records (safetensors metadata, or the
-    top-level non-tensor entries of a pickled dict)."""
-    from cn_lightning.errors import UnsafeCheckpointError
-    from cn_lightning.utils.checkpoints import safe_torch_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneLoadError(f"{path}: no such file; expected a Stable Diffusion .safetensors or .ckpt checkpoint")
-    if path.suffix.lower() not in _SUFFIXES:
-        raise BackboneLoadError(f"{path}: expected a checkpoint file ending in {', '.join(_SUFFIXES)}")
-    records: dict[str, Any] = {}
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as f:
-                records = dict(f.metadata() or {})
-        else:
-            state = safe_torch_load(path, map_location="cpu")
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:  # any reader failure means "not a readable checkpoint"
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BackboneLoadError(f"{path}: cannot read it as a checkpoint: {first_line}") from exc
-    if isinstance(state, dict):
-        records |= {str(k): v for k, v in state.items() if isinstance(v, (str, int, float, bool))}
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        state = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
-    if not state:
-        raise BackboneLoadError(f"{path}: holds no tensors; expected a Stable Diffusion state dict")
-    return state, records
+def variant_for_cross_attention(width: int | None) -> str:
+    """The shipped architecture (``sd15`` or ``sd21``) a UNet or ControlNet with this text-encoder
+    width (768 or 1024) has; anything else asks for the base model (one line, :class:`ConfigError`)."""
+    variant = SHIPPED_VARIANT_BY_WIDTH.get(width or 0)
+    if variant is None:
+        raise ConfigError(
+            f"cannot tell the architecture from a cross-attention width of {width} (SD1.x: 768, "
+            "SD2.x: 1024): pass the base model it was trained on (--base, or the pipeline's UNet)"
+        )
+    return variant
 
 
 # Where checkpoints record their prediction type: Stability's model spec (safetensors metadata),
@@ -244,7 +209,7 @@ def load_single_file_components(
     from transformers import CLIPTextModel
 
     path = Path(path)
-    state_dict, records = _read_checkpoint(path)
+    state_dict, records = read_state_dict(path, what="Stable Diffusion", error=BackboneLoadError)
     family = detect_family(state_dict, path)
     prediction = recorded_prediction_type(records) if variant is None else None
     if config_dir_override is not None:
@@ -268,8 +233,7 @@ def load_single_file_components(
     except BackboneLoadError:
         raise
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and converter failures
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BackboneLoadError(f"{path}: weights do not fit the {chosen} architecture: {first_line}") from exc
+        raise BackboneLoadError(f"{path}: weights do not fit the {chosen} architecture: {first_line(exc)}") from exc
 
     return {
         "unet": unet,

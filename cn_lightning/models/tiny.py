@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from cn_lightning.utils.atomic import atomic_directory
+from cn_lightning import log
+from cn_lightning.atomic import atomic_directory
 
 # Sizes per preset. "test" mirrors diffusers' own unit-test models; "small" is still tiny
 # (about 2 M parameters) but wide enough for the quickstart to learn something.
@@ -74,7 +75,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     merges = ["#version: 0.2"]
     # Whole-word merges for the synthetic-circles vocabulary: every prompt word is one token, so
     # "<colour A> circle with <colour B> background" fits the 16-token context.
-    from data_prep.synthetic_circles import COLOURS
+    from cn_lightning.data.synthetic import COLOURS
 
     words = {"circle", "background", "the", "with"}
     words.update(w for name in COLOURS for w in name.split())
@@ -192,7 +193,7 @@ def ensure_tiny_backbone(out: str | os.PathLike, preset: str = "small", seed: in
     """Write the tiny model to ``out`` unless a complete one is already there; return its path."""
     out = Path(os.path.expanduser(str(out)))
     if not (out / "model_index.json").is_file():
-        print(f"[cn_lightning] writing tiny {preset!r} Stable Diffusion backbone to {out}")
+        log.info(f"writing tiny {preset!r} Stable Diffusion backbone to {out}")
         write_tiny_backbone(out, preset=preset, seed=seed)
     return str(out)
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     path = write_tiny_backbone(args.out, preset=args.preset, seed=args.seed)
-    print(f"wrote tiny Stable Diffusion model ({args.preset}) to {path}")
+    log.info(f"wrote tiny Stable Diffusion model ({args.preset}) to {path}")
     return 0
 
 

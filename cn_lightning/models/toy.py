@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from cn_lightning.atomic import atomic_directory
 from cn_lightning.models.diffusion import (
     FrozenPartsMixin,
     diffusion_target,
@@ -36,7 +37,6 @@ from cn_lightning.models.diffusion import (
     encode_prompt,
 )
 from cn_lightning.models.tiny import build_tiny_components, save_model_parts
-from cn_lightning.utils.atomic import atomic_directory
 
 TOY_PRESET = "toy"
 

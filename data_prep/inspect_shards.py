@@ -1,7 +1,7 @@
 """Check shards: every sample complete and decodable; print counts; save a contact sheet.
 
-    python -m data_prep.inspect data/circles            # a folder, brace pattern or list
-    python -m data_prep.inspect "data/x-{000000..000009}.tar" --condition canny --sheet s.png
+    python -m data_prep.inspect_shards data/circles     # a folder, brace pattern or list
+    python -m data_prep.inspect_shards "data/x-{000000..000009}.tar" --condition canny --sheet s.png
 
 Exit status 1 if any sample or shard has a problem (usable in CI and after SLURM array jobs).
 """
@@ -129,7 +129,7 @@ def contact_sheet(examples, cell: int = 192) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect",
+    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect_shards",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", nargs="+", help="folder, brace pattern, list or pipe: URL")
     parser.add_argument("--condition", default=None, help="require this condition member")

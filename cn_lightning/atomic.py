@@ -1,4 +1,8 @@
-"""Write files and directories atomically: readers see the old one or the complete new one, never a mix.
+"""The one home of atomic writes: readers see the old file (or folder) or the complete new one.
+
+Everything the project writes for later reading goes through here: exported models, checkpoints,
+shards, manifests, reports, PNGs. A crash, a preemption or a full disk leaves the previous version
+(or nothing) under the final name, never a half-written one.
 
 The temporary names come from ``tempfile.mkdtemp``/``mkstemp``, which create private entries
 (``0700``/``0600``). Before the rename everything is given the permissions a plain ``mkdir``/
@@ -9,12 +13,14 @@ teammate on a shared cluster can read an export as with any other file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -54,6 +60,18 @@ def apply_umask_permissions(path: str | os.PathLike) -> None:
         os.chmod(path, file_mode)
 
 
+def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the directory ``src`` to ``dst``, replacing it. Between the two renames the previous
+    one is ``<dst>.old``, so ``dst`` or ``dst.old`` exists at every instant (readers fall back)."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out``.
@@ -67,24 +85,19 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         apply_umask_permissions(tmp)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` to write; on success it is renamed to ``path``.
 
-    A crash never leaves a truncated file under the final name; the file gets the umask's
-    permissions (not ``mkstemp``'s private ``0600``).
+    The temporary name is unique to this call, so concurrent writers (SLURM array tasks writing
+    one manifest) never interleave. A crash never leaves a truncated file under the final name;
+    the file gets the umask's permissions (not ``mkstemp``'s private ``0600``). ``fsync`` flushes
+    the data to disk before the rename (checkpoints: the rename must not outlive the data).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +106,22 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, default_mode(False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
+    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically; returns the path."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")

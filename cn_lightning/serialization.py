@@ -1,15 +1,17 @@
-"""Trainable weights out of any checkpoint or any running strategy, read without running code.
+"""Tensor files in and out of memory without running code: the one way this package unpickles.
 
-* :func:`safe_torch_load` is the one way this package unpickles a file: ``torch.load(...,
-  weights_only=True)`` with the allow-list of :func:`checkpoint_safe_globals` (the few types our
-  own Lightning and DeepSpeed checkpoints hold besides tensors and plain containers). A pickle
-  that references anything else (``os.system``, ``getattr``, ...) is refused with
-  :class:`~cn_lightning.errors.UnsafeCheckpointError` before anything is called.
-* :func:`load_trainable_state_dict` reads a Lightning ``.ckpt`` file or a DeepSpeed (ZeRO-2/3)
-  checkpoint directory into the module's trainable state dict (``controlnet.*`` and, when the
-  decoder was unlocked, ``unet.up_blocks.*`` / ``unet.conv_norm_out.*`` / ``unet.conv_out.*``).
-* :func:`gather_trainable_state_dict` collects the same from a live Trainer under any strategy
-  (single device, DDP, DeepSpeed ZeRO-1/2/3 with fp32 master weights, FSDP).
+* :func:`safe_torch_load` is ``torch.load(..., weights_only=True)`` with the allow-list of
+  :func:`checkpoint_safe_globals` (the few types our own Lightning and DeepSpeed checkpoints hold
+  besides tensors and plain containers). A pickle that references anything else (``os.system``,
+  ``getattr``, ...) is refused with :class:`~cn_lightning.errors.UnsafeCheckpointError` before
+  anything is called.
+* :func:`read_state_dict` reads any single tensor file users have on disk (``.safetensors``, or a
+  pickled ``.ckpt``/``.pt``/``.pth``/``.bin``) into a flat CPU state dict, with one-line errors.
+* :func:`install_safe_loading` routes the reads of a training process (Lightning's, DeepSpeed's)
+  through the same allow-list.
+
+What the tensors *mean* (a ControlNet, a training checkpoint, a backbone) is for the readers
+above this module: :mod:`cn_lightning.models.checkpoints` and :mod:`cn_lightning.models.single_file`.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cn_lightning.errors import CheckpointFormatError, UnsafeCheckpointError
+from cn_lightning.errors import (
+    CheckpointFormatError,
+    CnLightningError,
+    UnsafeCheckpointError,
+    first_line,
+)
 
-TRAINABLE_PREFIXES = ("controlnet.", "unet.up_blocks.", "unet.conv_norm_out.", "unet.conv_out.")
-_WRAPPER_PREFIXES = ("_forward_module.", "module.")
+# The file names a single-file model or ControlNet may have (read), and those we write.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+WRITABLE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
-# ------------------------------------------------------------------------------ safe unpickling
 def checkpoint_safe_globals(deepspeed: bool = False) -> list[Any]:
     """The allow-list: every type a cn_lightning checkpoint holds besides tensors and plain containers.
 
@@ -247,135 +254,45 @@ def install_safe_loading() -> None:
     DeepSpeedStrategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
 
 
-def newest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint a run directory resumes from and exports: the most recently written of
-    ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning writes when SLURM signals a
-    requeue (files or DeepSpeed directories); None when there is none."""
-    run_dir = Path(run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():  # killed between the two renames of an atomic DeepSpeed save
-        last = last.with_name("last.ckpt.old")
-    candidates = [last, *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [c for c in candidates if c.exists()]
-    return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+def read_state_dict(
+    path: str | os.PathLike,
+    what: str = "ControlNet",
+    error: type[CnLightningError] = CheckpointFormatError,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A single tensor file as a flat CPU state dict, and the file's non-tensor records.
 
-
-def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a directory written by DeepSpeed's ``save_checkpoint`` (Lightning's ``*.ckpt/``)."""
-    path = Path(path)
-    return path.is_dir() and (
-        (path / "latest").is_file() or any(p.is_dir() for p in path.glob("*") if _has_zero_files(p))
-    )
-
-
-def _has_zero_files(tag_dir: Path) -> bool:
-    return any(tag_dir.glob("*model_states.pt"))
-
-
-def load_trainable_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, Tensor]:
-    """The trainable fp32 weights of a checkpoint, keyed as ``ControlNetModule.state_dict()``.
-
-    Accepts a Lightning ``.ckpt`` file (any strategy but DeepSpeed, or a DeepSpeed checkpoint
-    consolidated into one file) or a DeepSpeed checkpoint directory (ZeRO-2 or ZeRO-3, any
-    number of ranks; the shards are merged into full fp32 tensors on the CPU).
+    ``path`` is a ``.safetensors`` file or a pickled dict (``.ckpt``/``.pt``/``.pth``/``.bin``,
+    read with :func:`safe_torch_load`); a Lightning-style ``{"state_dict": ...}`` wrapper is
+    unwrapped. The records are the safetensors metadata, or the top-level non-tensor entries of a
+    pickled dict. ``what`` names the expected content in the one-line ``error`` a file that is
+    missing, unreadable or without tensors raises.
     """
-    path = Path(checkpoint_path)
-    if not path.exists():
-        raise CheckpointFormatError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        if not is_deepspeed_checkpoint(path):
-            raise CheckpointFormatError(
-                f"{str(path)!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file "
-                "or '<tag>/*model_states.pt')"
-            )
-        state = _load_zero_checkpoint(path)
-    else:
-        state = _load_lightning_file(path)
-    return _trainable_only(state, path)
-
-
-def _load_zero_checkpoint(path: Path) -> dict[str, Tensor]:
-    """DeepSpeed's own merge of the ZeRO shards, with its ``torch.load`` calls made safe."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag = None if (path / "latest").is_file() else _single_tag(path)
-    with safe_torch_loads_in("deepspeed.utils.zero_to_fp32"):
-        try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
-        except (UnsafeCheckpointError, CheckpointFormatError):
-            raise
-        except Exception as err:  # noqa: BLE001 - a damaged directory is the user's input error
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CheckpointFormatError(f"cannot read DeepSpeed checkpoint {str(path)!r}: {first}") from err
-
-
-def _single_tag(path: Path) -> str:
-    tags = sorted(p.name for p in path.iterdir() if p.is_dir() and _has_zero_files(p))
-    if len(tags) != 1:
-        raise CheckpointFormatError(f"{str(path)!r} has no 'latest' file and tags {tags}; pass one")
-    return tags[0]
-
-
-def _load_lightning_file(path: Path) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file; expected a {what} .safetensors or .ckpt checkpoint")
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise error(f"{path}: expected a checkpoint file ending in {', '.join(SINGLE_FILE_SUFFIXES)}")
+    records: dict[str, Any] = {}
     try:
-        checkpoint = safe_torch_load(path, map_location="cpu")
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                records = dict(f.metadata() or {})
+        else:
+            state = safe_torch_load(path, map_location="cpu")
     except UnsafeCheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise CheckpointFormatError(f"cannot read checkpoint {str(path)!r}: {err}") from err
-    if not isinstance(checkpoint, dict):
-        raise CheckpointFormatError(f"{str(path)!r} does not hold a dict")
-    return checkpoint.get("state_dict", checkpoint)
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def _trainable_only(state: dict, source: Path) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        key = _strip_wrappers(key)
-        if torch.is_tensor(value) and key.startswith(TRAINABLE_PREFIXES):
-            out[key] = value.float() if value.is_floating_point() else value
-    if not any(k.startswith("controlnet.") for k in out):
-        raise CheckpointFormatError(f"{str(source)!r} holds no controlnet.* weights")
-    return out
-
-
-def gather_trainable_state_dict(trainer, module) -> dict[str, Tensor]:
-    """The module's trainable weights, complete on global rank 0 (other ranks may get less).
-
-    Every rank must call this: under DeepSpeed and FSDP it is a collective. Under DeepSpeed
-    the fp32 master weights are read from the optimizer (``safe_get_full_fp32_param``), so a
-    bf16 run exports full precision; ZeRO-3 partitions are gathered.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if isinstance(trainer.strategy, DeepSpeedStrategy):
-        return _gather_deepspeed(module)
-    state = trainer.strategy.lightning_module_state_dict()
-    return {_strip_wrappers(k): v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
-
-
-def _gather_deepspeed(module) -> dict[str, Tensor]:
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    names = set(module._checkpointed_names())
-    out: dict[str, Tensor] = {}
-    for name, param in module.named_parameters():
-        if name not in names:
-            continue
-        full = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if full is None:  # not owned by the optimizer (frozen, or ZeRO disabled)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                full = param.data.float()
-        out[name] = full.detach().cpu().clone()
-    for name, buf in module.named_buffers():
-        if name in names:
-            out[name] = buf.detach().cpu().clone()
-    return out
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a readable file"
+        raise error(f"{path}: cannot read it as a checkpoint: {first_line(exc)}") from exc
+    if isinstance(state, dict):
+        records |= {str(k): v for k, v in state.items() if isinstance(v, (str, int, float, bool))}
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        state = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+    if not state:
+        raise error(f"{path}: holds no tensors; expected a {what} state dict")
+    return state, records

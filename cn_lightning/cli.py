@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: one clear error line (exit 2) instead of a traceback."""
+"""Command-line plumbing shared by the CLIs: ``argparse`` whose errors are one line, and a
+runner that turns user errors into that line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from cn_lightning.errors import CnLightningError
-
-EXIT_USAGE = 2
+from cn_lightning.errors import CnLightningError, fail
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,14 +17,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         fail(message)
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``cn_lightning: error: <first line of message>`` and exit with status 2."""
-    text = str(message).strip()
-    first = text.splitlines()[0] if text else "failed"
-    print(f"cn_lightning: error: {first}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

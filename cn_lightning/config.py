@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs.
+"""The ``cn.*`` OmegaConf resolvers the Hydra configs use.
 
 ``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE}`` create a random tiny
 backbone and synthetic shards on first use (under a file lock, so every DDP rank can resolve
@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from cn_lightning.errors import ConfigError
 
 
 def _locked(path: str):
@@ -29,7 +31,7 @@ def tiny_backbone(out: str, preset: str = "small", seed: int = 0) -> str:
 
 
 def circle_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int = 0) -> str:
-    from data_prep.synthetic_circles import ensure_shards
+    from cn_lightning.data.synthetic import ensure_shards
 
     out = os.path.expanduser(out)
     with _locked(out):
@@ -38,10 +40,8 @@ def circle_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int =
 
 def asset(name: str) -> str:
     """Path of a model shipped inside the package (``cn_lightning/assets/<name>``)."""
-    path = Path(__file__).resolve().parents[1] / "assets" / name
+    path = Path(__file__).resolve().parent / "assets" / name
     if not path.exists():
-        from cn_lightning.errors import ConfigError
-
         raise ConfigError(f"packaged asset {name!r} not found at {path}")
     return str(path)
 

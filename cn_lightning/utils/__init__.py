@@ -1,1 +1,0 @@
-"""Small shared utilities (checkpoint IO, logging helpers, resolvers)."""
