@@ -83,31 +83,60 @@ def main() -> None:
         write_fill50k_layout(layout, n, res, seed=0)
 
         prep_start = time.perf_counter()
-        fill50k_args = ["--src", layout, "--out", shards, "--resolution", str(res),
-                        "--samples-per-shard", str(max(1, n // max(4, 2 * w))),
-                        "--workers", str(w), "--overwrite"]
+        fill50k_args = [
+            "--src",
+            layout,
+            "--out",
+            shards,
+            "--resolution",
+            str(res),
+            "--samples-per-shard",
+            str(max(1, n // max(4, 2 * w))),
+            "--workers",
+            str(w),
+            "--overwrite",
+        ]
         fill50k.main(fill50k_args)
         prep_wall = time.perf_counter() - prep_start
         stats_dir = os.path.join(shards, ".stats")
-        worker_seconds = sum(json.load(open(os.path.join(stats_dir, f)))["seconds"]
-                             for f in os.listdir(stats_dir) if not f.startswith("_"))
+        worker_seconds = sum(
+            json.load(open(os.path.join(stats_dir, f)))["seconds"]
+            for f in os.listdir(stats_dir)
+            if not f.startswith("_")
+        )
 
-        baseline = DataLoader(TutorialDataset(layout), batch_size=args.batch_size, shuffle=True,
-                              num_workers=w, drop_last=True)
-        dm = ShardDataModule(train_shards=shards, condition_key="outline", resolution=res,
-                             batch_size=args.batch_size, num_workers=w, shuffle_buffer=100,
-                             resampled=False, samples_per_epoch=n)
+        baseline = DataLoader(
+            TutorialDataset(layout),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=w,
+            drop_last=True,
+        )
+        dm = ShardDataModule(
+            train_shards=shards,
+            condition_key="outline",
+            resolution=res,
+            batch_size=args.batch_size,
+            num_workers=w,
+            shuffle_buffer=100,
+            resampled=False,
+            samples_per_epoch=n,
+        )
         ours = dm.train_dataloader()
         base_rate = max(time_loader(baseline, n) for _ in range(args.repeats))
         our_rate = max(time_loader(ours, n) for _ in range(args.repeats))
 
-    print(f"\n{n} samples at {res} px, batch {args.batch_size}, {w} DataLoader workers, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"\n{n} samples at {res} px, batch {args.batch_size}, {w} DataLoader workers, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"original tutorial Dataset (cv2.imread PNG): {base_rate:8.1f} samples/s")
     print(f"ShardDataModule (WebDataset shards):        {our_rate:8.1f} samples/s")
     print(f"ratio ours / original:                      {our_rate / base_rate:8.2f}x")
-    print(f"data_prep.fill50k: {n / worker_seconds:.1f} samples/s per worker "
-          f"({n / prep_wall:.1f} samples/s wall with {w} workers, incl. start-up)")
+    print(
+        f"data_prep.fill50k: {n / worker_seconds:.1f} samples/s per worker "
+        f"({n / prep_wall:.1f} samples/s wall with {w} workers, incl. start-up)"
+    )
 
 
 if __name__ == "__main__":

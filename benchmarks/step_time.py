@@ -48,7 +48,13 @@ def make_batches(n: int, batch: int, size: int) -> list[dict]:
 def plain_loop(model_dir: str, batches: list[dict], warmup: int) -> float:
     """Seconds per step of a hand-written PyTorch loop (diffusers' train_controlnet.py style)."""
     bb = load_backbone(model_dir)
-    vae, text_encoder, unet, tokenizer, sched = bb.vae, bb.text_encoder, bb.unet, bb.tokenizer, bb.noise_scheduler
+    vae, text_encoder, unet, tokenizer, sched = (
+        bb.vae,
+        bb.text_encoder,
+        bb.unet,
+        bb.tokenizer,
+        bb.noise_scheduler,
+    )
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=hint_channels_for(bb.vae_scale_factor)
     )
@@ -61,16 +67,32 @@ def plain_loop(model_dir: str, batches: list[dict], warmup: int) -> float:
         with torch.no_grad():
             latents = vae.encode(batch["image"]).latent_dist.sample() * vae.config.scaling_factor
             prompts = ["" if torch.rand(()) < 0.5 else p for p in batch["prompt"]]
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             emb = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
         noisy = sched.add_noise(latents, noise, t)
-        down, mid = controlnet(noisy, t, encoder_hidden_states=emb,
-                               controlnet_cond=batch["condition"], return_dict=False)
-        pred = unet(noisy, t, encoder_hidden_states=emb, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = controlnet(
+            noisy,
+            t,
+            encoder_hidden_states=emb,
+            controlnet_cond=batch["condition"],
+            return_dict=False,
+        )
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=emb,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         optimizer.step()
@@ -96,9 +118,15 @@ def lightning_loop(model_dir: str, batches: list[dict], warmup: int) -> float:
     module = ControlNetModule(model_dir, learning_rate=1e-5)
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=len(batches), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer], log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        log_every_n_steps=10,
     )
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
@@ -106,7 +134,9 @@ def lightning_loop(model_dir: str, batches: list[dict], warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small", choices=["test", "small"])
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--batch", type=int, default=8)
@@ -122,9 +152,13 @@ def main() -> None:
         for r in range(args.repeats):
             plain.append(plain_loop(model_dir, batches, args.warmup))
             ours.append(lightning_loop(model_dir, batches, args.warmup))
-            print(f"repeat {r}: plain {plain[-1] * 1e3:.1f} ms/step, cn_lightning {ours[-1] * 1e3:.1f} ms/step")
+            print(
+                f"repeat {r}: plain {plain[-1] * 1e3:.1f} ms/step, cn_lightning {ours[-1] * 1e3:.1f} ms/step"
+            )
     p, o = statistics.median(plain), statistics.median(ours)
-    print(f"device: cpu x{torch.get_num_threads()} threads | preset {args.preset}, {args.size}px, batch {args.batch}")
+    print(
+        f"device: cpu x{torch.get_num_threads()} threads | preset {args.preset}, {args.size}px, batch {args.batch}"
+    )
     print(f"plain PyTorch loop : {p * 1e3:.1f} ms/step (median of {args.repeats})")
     print(f"cn_lightning       : {o * 1e3:.1f} ms/step (median of {args.repeats})")
     print(f"ratio cn_lightning / plain = {o / p:.3f}  (overhead {100 * (o / p - 1):+.1f}%)")

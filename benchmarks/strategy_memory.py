@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-UNET_CONFIG = Path(__file__).resolve().parents[1] / "cn_lightning/models/configs/sd15/unet/config.json"
+UNET_CONFIG = (
+    Path(__file__).resolve().parents[1] / "cn_lightning/models/configs/sd15/unet/config.json"
+)
 STRATEGIES = ("ddp", "zero2", "zero3")
 
 
@@ -137,12 +139,18 @@ def run_zero(model, rank: int, stage: int, bucket: int, steps: int = 2) -> dict[
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "contiguous_gradients": True, "overlap_comm": False,
-                              "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "zero_optimization": {
+            "stage": stage,
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
     }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config,
-                                                dist_init_required=False)
+    engine, ds_opt, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=config, dist_init_required=False
+    )
     for step in range(steps):
         engine.backward(loss_of(engine, batch(model, seed=rank * 100 + step)))
         if step == steps - 1:
@@ -151,9 +159,16 @@ def run_zero(model, rank: int, stage: int, bucket: int, steps: int = 2) -> dict[
     raise AssertionError("unreachable")
 
 
-def worker(rank: int, world: int, port: int, strategy: str, scale: float, bucket: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+def worker(
+    rank: int, world: int, port: int, strategy: str, scale: float, bucket: int, out: str
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = build_controlnet(scale)
@@ -190,27 +205,40 @@ def gib(x: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=0.5, help="width scale of SD1.5 (1.0 = real)")
+    parser.add_argument(
+        "--scale", type=float, default=0.5, help="width scale of SD1.5 (1.0 = real)"
+    )
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--bucket-size", type=int, default=200_000_000,
-                        help="ZeRO reduce/allgather bucket (elements), as conf/strategy/deepspeed_*")
+    parser.add_argument(
+        "--bucket-size",
+        type=int,
+        default=200_000_000,
+        help="ZeRO reduce/allgather bucket (elements), as conf/strategy/deepspeed_*",
+    )
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--out", default="/tmp/cn_strategy_memory")
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for strategy in args.strategies:
-        mp.spawn(worker, nprocs=args.ranks,
-                 args=(args.ranks, free_port(), strategy, args.scale, args.bucket_size, args.out))
+        mp.spawn(
+            worker,
+            nprocs=args.ranks,
+            args=(args.ranks, free_port(), strategy, args.scale, args.bucket_size, args.out),
+        )
     report(args)
 
 
 def report(args) -> None:
     psi = json.loads(Path(args.out, f"{args.strategies[0]}_rank0.json").read_text())["psi"]
-    print(f"ControlNet from SD1.5 UNet config x{args.scale}: {psi / 1e6:.1f}M trainable params, "
-          f"{args.ranks} ranks, fp32 + AdamW, per rank, GiB (measured / theoretical)")
-    print(f"{'strategy':8} {'rank':>4} | {'params':>17} | {'grads':>17} | {'optimizer':>17} | "
-          f"{'sum p+g+o':>17} | {'other':>7}")
+    print(
+        f"ControlNet from SD1.5 UNet config x{args.scale}: {psi / 1e6:.1f}M trainable params, "
+        f"{args.ranks} ranks, fp32 + AdamW, per rank, GiB (measured / theoretical)"
+    )
+    print(
+        f"{'strategy':8} {'rank':>4} | {'params':>17} | {'grads':>17} | {'optimizer':>17} | "
+        f"{'sum p+g+o':>17} | {'other':>7}"
+    )
     for strategy in args.strategies:
         t = theory(strategy, psi, args.ranks)
         for rank in range(args.ranks):

@@ -29,9 +29,17 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
     run_dir = out / f"seed_{seed}"
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "cn_lightning.train", f"seed={seed}", f"hydra.run.dir={run_dir}",
-         "trainer.enable_progress_bar=false", *overrides],
-        check=True, env=dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline")),
+        [
+            sys.executable,
+            "-m",
+            "cn_lightning.train",
+            f"seed={seed}",
+            f"hydra.run.dir={run_dir}",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        check=True,
+        env=dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline")),
     )
     wall = time.perf_counter() - start
     report = json.loads((run_dir / "convergence.json").read_text())
@@ -49,9 +57,12 @@ def run_config(run_dir: Path) -> dict:
     register_resolvers()
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     return {
-        "base": cfg.model.pretrained_model_path, "val_shards": cfg.data.val_shards,
-        "condition_key": cfg.data.condition_key, "resolution": cfg.data.resolution,
-        "steps": cfg.model.sample_steps, "guidance": cfg.model.guidance_scale,
+        "base": cfg.model.pretrained_model_path,
+        "val_shards": cfg.data.val_shards,
+        "condition_key": cfg.data.condition_key,
+        "resolution": cfg.data.resolution,
+        "steps": cfg.model.sample_steps,
+        "guidance": cfg.model.guidance_scale,
     }
 
 
@@ -59,11 +70,31 @@ def evaluate(run_dir: Path, out: Path, control_scale: float) -> float:
     """Mean fidelity over the run's validation shards (``control_scale`` 0: the locked backbone)."""
     c = run_config(run_dir)
     subprocess.run(
-        [sys.executable, "-m", "cn_lightning.evaluate", "--val-shards", str(c["val_shards"]),
-         "--condition-key", c["condition_key"], "--resolution", str(c["resolution"]),
-         "--base", str(c["base"]), "--controlnet", str(run_dir / "controlnet"),
-         "--steps", str(c["steps"]), "--guidance", str(c["guidance"]),
-         "--control-scale", str(control_scale), "--batch-size", "16", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "cn_lightning.evaluate",
+            "--val-shards",
+            str(c["val_shards"]),
+            "--condition-key",
+            c["condition_key"],
+            "--resolution",
+            str(c["resolution"]),
+            "--base",
+            str(c["base"]),
+            "--controlnet",
+            str(run_dir / "controlnet"),
+            "--steps",
+            str(c["steps"]),
+            "--guidance",
+            str(c["guidance"]),
+            "--control-scale",
+            str(control_scale),
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ],
         check=True,
     )
     return json.loads((out / "report.json").read_text())["metrics"]["fidelity"]
@@ -97,7 +128,10 @@ def figure(run_dir: Path, step: int | None, out_png: Path) -> Path:
     chosen = [0, steps[-1]]
     if step is not None:
         chosen[1:1] = [max(s for s in steps if s < step), step]
-    grids = [np.asarray(Image.open(run_dir / "samples" / f"step_{s:07d}.png").convert("RGB")) for s in chosen]
+    grids = [
+        np.asarray(Image.open(run_dir / "samples" / f"step_{s:07d}.png").convert("RGB"))
+        for s in chosen
+    ]
     height = max(g.shape[0] for g in grids)
     gap = np.full((height, 8, 3), 255, np.uint8)
     parts = []
@@ -121,7 +155,9 @@ def markdown(rows: list[dict], baseline: float) -> str:
             f"| {r['fidelity_after']:.3f} | {r['held_out_fidelity']:.3f} | {r['final_step']} "
             f"| {r['wall_s'] / 60:.1f} min |"
         )
-    lines.append(f"\nLocked backbone alone (control scale 0) on the same 64 conditions: {baseline:.3f}")
+    lines.append(
+        f"\nLocked backbone alone (control scale 0) on the same 64 conditions: {baseline:.3f}"
+    )
     return "\n".join(lines)
 
 
@@ -129,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_convergence"))
-    parser.add_argument("--figure", type=Path, help="also write the first seed's grids before/at/after the jump here")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help="also write the first seed's grids before/at/after the jump here",
+    )
     args, overrides = parser.parse_known_args(argv)
     rows = [run_seed(seed, args.out, overrides) for seed in args.seeds]
     first = args.out / f"seed_{args.seeds[0]}"
     baseline = evaluate(first, args.out / "eval_locked", control_scale=0.0)
-    (args.out / "summary.json").write_text(json.dumps({"runs": rows, "locked_baseline": baseline}, indent=2))
+    (args.out / "summary.json").write_text(
+        json.dumps({"runs": rows, "locked_baseline": baseline}, indent=2)
+    )
     print(markdown(rows, baseline))
     if args.figure:
         figure(first, rows[0]["sudden_convergence_step"], args.figure)

@@ -77,7 +77,9 @@ def error_line(message: BaseException | str, prog: str = "cn_lightning") -> str:
     return f"{prog}: error: {text}"
 
 
-def fail(message: BaseException | str, prog: str = "cn_lightning", code: int = EXIT_USAGE) -> NoReturn:
+def fail(
+    message: BaseException | str, prog: str = "cn_lightning", code: int = EXIT_USAGE
+) -> NoReturn:
     """Print :func:`error_line` to stderr and exit with ``code`` (2: a usage or input error)."""
     print(error_line(message, prog), file=sys.stderr)
     raise SystemExit(code)

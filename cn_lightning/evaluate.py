@@ -25,37 +25,96 @@ from cn_lightning.models.diffusion import SAMPLERS
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m cn_lightning.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--val-shards", required=True, help="validation shards: brace pattern, list (::), or folder with manifest")
-    p.add_argument("--condition-key", required=True, help="condition member of the shards (canny, outline, seg, ...)")
+    p.add_argument(
+        "--val-shards",
+        required=True,
+        help="validation shards: brace pattern, list (::), or folder with manifest",
+    )
+    p.add_argument(
+        "--condition-key",
+        required=True,
+        help="condition member of the shards (canny, outline, seg, ...)",
+    )
     p.add_argument("--out", required=True, help="folder for report.json, report.md (and images/)")
-    p.add_argument("--resolution", type=int, default=512, help="centre-crop size of the samples (default 512)")
+    p.add_argument(
+        "--resolution", type=int, default=512, help="centre-crop size of the samples (default 512)"
+    )
     p.add_argument("--base", help="Stable Diffusion model (diffusers directory or single file)")
     p.add_argument("--variant", help="architecture of a single-file base (sd15, sd21, sd21-base)")
-    p.add_argument("--controlnet", help="ControlNet: diffusers folder, original-format file, checkpoint or run dir")
+    p.add_argument(
+        "--controlnet",
+        help="ControlNet: diffusers folder, original-format file, checkpoint or run dir",
+    )
     p.add_argument("--images", help="score existing images <DIR>/<key>.png instead of generating")
     p.add_argument("--num-samples", type=int, help="at most this many samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="images generated at once per device (default 4)")
-    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per device (default 0)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=7.5, help="CFG scale (default 7.5)")
-    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (default 1.0)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
-    p.add_argument("--no-prompt", action="store_true", help="generate without prompts (guess mode), as in the paper's ablation")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each sample adds a hash of its key")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)")
-    p.add_argument("--fid-weights", help="local Inception weights file for FID (torch-fidelity's pt_inception-*.pth)")
     p.add_argument(
-        "--fid-feature", type=int, default=None, choices=(64, 192, 768, 2048),
+        "--batch-size", type=int, default=4, help="images generated at once per device (default 4)"
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=0, help="data loader workers per device (default 0)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument(
+        "--guidance", dest="guidance_scale", type=float, default=7.5, help="CFG scale (default 7.5)"
+    )
+    p.add_argument(
+        "--control-scale",
+        type=float,
+        default=1.0,
+        help="ControlNet conditioning scale (default 1.0)",
+    )
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    p.add_argument(
+        "--no-prompt",
+        action="store_true",
+        help="generate without prompts (guess mode), as in the paper's ablation",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="base seed; each sample adds a hash of its key"
+    )
+    p.add_argument(
+        "--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)"
+    )
+    p.add_argument(
+        "--fid-weights",
+        help="local Inception weights file for FID (torch-fidelity's pt_inception-*.pth)",
+    )
+    p.add_argument(
+        "--fid-feature",
+        type=int,
+        default=None,
+        choices=(64, 192, 768, 2048),
         help="Inception feature layer for FID, with --fid-weights (default 2048, the standard one)",
     )
-    p.add_argument("--clip-model", help="open_clip architecture (e.g. ViT-L-14) or local-dir:FOLDER for CLIP score")
+    p.add_argument(
+        "--clip-model",
+        help="open_clip architecture (e.g. ViT-L-14) or local-dir:FOLDER for CLIP score",
+    )
     p.add_argument("--clip-weights", help="local open_clip weights file for --clip-model NAME")
-    p.add_argument("--save-images", action="store_true", help="also write the generated images to OUT/images/")
-    p.add_argument("--wandb", action="store_true", help="log the metrics and a sample table to W&B (offline without a key)")
-    p.add_argument("--wandb-project", default="cn_lightning", help="W&B project (default cn_lightning)")
-    p.add_argument("--devices", type=int, default=1, help="processes/GPUs; the shards are split between them (default 1)")
+    p.add_argument(
+        "--save-images", action="store_true", help="also write the generated images to OUT/images/"
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log the metrics and a sample table to W&B (offline without a key)",
+    )
+    p.add_argument(
+        "--wandb-project", default="cn_lightning", help="W&B project (default cn_lightning)"
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes/GPUs; the shards are split between them (default 1)",
+    )
     p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu (default auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="default: fp16 on GPU, fp32 on CPU",
+    )
     return p
 
 

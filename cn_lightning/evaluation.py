@@ -99,7 +99,9 @@ class FolderSource:
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
             if image.shape[:2] != (h, w):
-                raise ConfigError(f"{path} is {image.shape[1]}x{image.shape[0]}; its condition is {w}x{h}")
+                raise ConfigError(
+                    f"{path} is {image.shape[1]}x{image.shape[0]}; its condition is {w}x{h}"
+                )
             out.append(torch.from_numpy(image.copy()).permute(2, 0, 1))
         return torch.stack(out).float() / 255
 
@@ -112,8 +114,13 @@ def val_batches(cfg: EvalConfig, rank: int, world_size: int) -> Iterator[dict[st
 
     check_val_shards(cfg.val_shards)
     dm = ShardDataModule(
-        train_shards=cfg.val_shards, val_shards=cfg.val_shards, condition_key=cfg.condition_key,
-        resolution=cfg.resolution, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+        train_shards=cfg.val_shards,
+        val_shards=cfg.val_shards,
+        condition_key=cfg.condition_key,
+        resolution=cfg.resolution,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
     )
     dataset = dm.build_val_dataset(rank=rank, world_size=world_size)
     yield from DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
@@ -156,7 +163,11 @@ def evaluate_split(
         fidelity.update(images, condition)
         clip = _update_quality(metrics, images, batch)
         for i, key in enumerate(batch["key"]):
-            record = {"key": key, "prompt": batch["prompt"][i], "fidelity": float(scores["fidelity"][i])}
+            record = {
+                "key": key,
+                "prompt": batch["prompt"][i],
+                "fidelity": float(scores["fidelity"][i]),
+            }
             if clip is not None:
                 record["clip_score"] = float(clip[i])
             records.append(record)
@@ -167,7 +178,9 @@ def evaluate_split(
     return records
 
 
-def _update_quality(metrics: dict[str, torchmetrics.Metric], images: Tensor, batch: dict[str, Any]) -> Tensor | None:
+def _update_quality(
+    metrics: dict[str, torchmetrics.Metric], images: Tensor, batch: dict[str, Any]
+) -> Tensor | None:
     """FID (real = the shard's targets) and CLIP score updates; returns per-sample CLIP scores."""
     if "fid" in metrics:
         device = metrics["fid"].device
@@ -203,7 +216,9 @@ def compute_metrics(metrics: dict[str, torchmetrics.Metric], num_samples: int) -
     out: dict[str, float] = {}
     for name, metric in metrics.items():
         if name == "fid" and num_samples < 2:
-            raise ConfigError("FID needs at least 2 samples; raise --num-samples or add validation shards")
+            raise ConfigError(
+                "FID needs at least 2 samples; raise --num-samples or add validation shards"
+            )
         value = metric.compute()
         if isinstance(value, dict):
             out.update({k: float(v) for k, v in value.items()})
@@ -213,11 +228,18 @@ def compute_metrics(metrics: dict[str, torchmetrics.Metric], num_samples: int) -
 
 
 # ------------------------------------------------------------------------------ report
-def write_report(cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]) -> tuple[Path, Path]:
+def write_report(
+    cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]
+) -> tuple[Path, Path]:
     """``report.json`` (settings, metrics, per-sample scores) and ``report.md``, written atomically."""
     out = Path(os.path.expanduser(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    report = {"num_samples": len(records), "metrics": values, "settings": asdict(cfg), "samples": records}
+    report = {
+        "num_samples": len(records),
+        "metrics": values,
+        "settings": asdict(cfg),
+        "samples": records,
+    }
     json_path = out / "report.json"
     write_json_atomic(json_path, report)
     md_path = write_text_atomic(out / "report.md", markdown_table(cfg, values, len(records)))
@@ -243,13 +265,24 @@ def log_to_wandb(cfg: EvalConfig, values: dict[str, float], records: list[dict[s
     """Log the metrics and a per-sample table to W&B (offline without credentials); returns the run dir."""
     import wandb
 
-    run = wandb.init(project=cfg.wandb_project, dir=cfg.out, mode=resolve_wandb_mode("auto"),
-                     job_type="evaluate", config=asdict(cfg))
+    run = wandb.init(
+        project=cfg.wandb_project,
+        dir=cfg.out,
+        mode=resolve_wandb_mode("auto"),
+        job_type="evaluate",
+        config=asdict(cfg),
+    )
     run.log({f"eval/{k}": v for k, v in values.items()})
     run.summary.update({f"eval/{k}": v for k, v in values.items()})
     if records:
         columns = list(records[0])
-        run.log({"eval/samples": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])})
+        run.log(
+            {
+                "eval/samples": wandb.Table(
+                    columns=columns, data=[[r.get(c) for c in columns] for r in records]
+                )
+            }
+        )
     run_dir = str(Path(run.dir).parent)
     run.finish()
     return run_dir
@@ -261,7 +294,9 @@ def run_rank(fabric: Any, cfg: EvalConfig) -> dict[str, Any]:
     _, dtype = resolve_device(str(fabric.device), cfg.dtype)
     metrics = {k: m.to(fabric.device) for k, m in build_metrics(cfg).items()}
     source = FolderSource(cfg.images) if cfg.images else PipelineSource(cfg, fabric.device, dtype)
-    records = evaluate_split(cfg, source, metrics, fabric.global_rank, fabric.world_size, fabric.is_global_zero)
+    records = evaluate_split(
+        cfg, source, metrics, fabric.global_rank, fabric.world_size, fabric.is_global_zero
+    )
     records = _gather_records(records, fabric.world_size)
     if not records:
         raise ConfigError(
@@ -292,7 +327,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import lightning as L
 
     if cfg.images is None and not (cfg.base and cfg.controlnet):
-        raise ConfigError("give --base and --controlnet to generate images, or --images DIR to score existing ones")
+        raise ConfigError(
+            "give --base and --controlnet to generate images, or --images DIR to score existing ones"
+        )
     check_val_shards(cfg.val_shards)
     strategy = "ddp" if cfg.devices > 1 else "auto"
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy)

@@ -44,14 +44,19 @@ def build_parser() -> ArgumentParser:
             "checkpoints/last.ckpt), or an exported ControlNet (diffusers folder / original .safetensors)"
         ),
     )
-    parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="output format")
+    parser.add_argument(
+        "--format", dest="fmt", required=True, choices=FORMATS, help="output format"
+    )
     parser.add_argument(
         "--out",
         required=True,
         help="output folder (diffusers) or file (original: .safetensors, or .pth/.pt/.ckpt for a pickle)",
     )
     parser.add_argument(
-        "--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="dtype of the written weights (default fp32)"
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="dtype of the written weights (default fp32)",
     )
     parser.add_argument(
         "--base",
@@ -75,7 +80,12 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = export_controlnet(
-        args.src, args.out, fmt=args.fmt, dtype=args.dtype, base=args.base, controlnet_only=args.controlnet_only
+        args.src,
+        args.out,
+        fmt=args.fmt,
+        dtype=args.dtype,
+        base=args.base,
+        controlnet_only=args.controlnet_only,
     )
     log.info(f"wrote {args.fmt} ControlNet ({args.dtype}) to {path}")
     return 0

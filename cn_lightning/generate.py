@@ -27,36 +27,78 @@ def build_parser() -> ArgumentParser:
         prog="python -m cn_lightning.generate",
         description="Generate images with one or more ControlNets on any SD1.x-architecture model.",
     )
-    parser.add_argument("--base", required=True, help="Stable Diffusion model: diffusers directory or .safetensors/.ckpt file")
-    parser.add_argument("--variant", default=None, help="architecture of a single-file base (sd15, sd21, sd21-base)")
     parser.add_argument(
-        "--controlnet", nargs="+", required=True,
+        "--base",
+        required=True,
+        help="Stable Diffusion model: diffusers directory or .safetensors/.ckpt file",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="architecture of a single-file base (sd15, sd21, sd21-base)"
+    )
+    parser.add_argument(
+        "--controlnet",
+        nargs="+",
+        required=True,
         help="one or more ControlNets: diffusers folder, original-format file, training checkpoint or run directory",
     )
-    parser.add_argument("--image", nargs="+", required=True, help="one condition image (or photo, see --extractor) per ControlNet")
     parser.add_argument(
-        "--scale", nargs="+", type=float, default=[1.0],
+        "--image",
+        nargs="+",
+        required=True,
+        help="one condition image (or photo, see --extractor) per ControlNet",
+    )
+    parser.add_argument(
+        "--scale",
+        nargs="+",
+        type=float,
+        default=[1.0],
         help="conditioning scale: one for all ControlNets or one each (default 1.0)",
     )
     parser.add_argument(
-        "--extractor", nargs="+", default=None,
+        "--extractor",
+        nargs="+",
+        default=None,
         help="turn a photo into the condition first (e.g. canny): one for all or one each; 'none' = image is the condition",
     )
     parser.add_argument("--prompt", default="", help="text prompt (default empty)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--width", type=int, default=None, help="output width (default: condition aspect, native size)")
-    parser.add_argument("--height", type=int, default=None, help="output height (default: condition aspect, native size)")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the first image; image i uses seed + i"
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="output width (default: condition aspect, native size)",
+    )
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="output height (default: condition aspect, native size)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
     parser.add_argument(
-        "--guess-mode", action="store_true",
+        "--guess-mode",
+        action="store_true",
         help="the ControlNet recognises the content without a prompt (the paper's guess mode; try --guidance 3-5)",
     )
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="default: fp16 on GPU, fp32 on CPU",
+    )
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
     return parser
 
@@ -74,18 +116,37 @@ def _per_control(values: list | None, n: int, name: str, default: Any) -> list:
 def settings_from_args(args) -> GenerationSettings:
     n = len(args.controlnet)
     if len(args.image) != n:
-        raise ConfigError(f"give one --image per --controlnet: {n} ControlNets but {len(args.image)} images")
+        raise ConfigError(
+            f"give one --image per --controlnet: {n} ControlNets but {len(args.image)} images"
+        )
     for name, value in (("--steps", args.steps), ("--batch", args.batch)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     scales = _per_control(args.scale, n, "--scale", 1.0)
-    extractors = [None if e in (None, "none") else e for e in _per_control(args.extractor, n, "--extractor", None)]
-    controls = [Control(c, i, s, e) for c, i, s, e in zip(args.controlnet, args.image, scales, extractors, strict=True)]
+    extractors = [
+        None if e in (None, "none") else e
+        for e in _per_control(args.extractor, n, "--extractor", None)
+    ]
+    controls = [
+        Control(c, i, s, e)
+        for c, i, s, e in zip(args.controlnet, args.image, scales, extractors, strict=True)
+    ]
     return GenerationSettings(
-        base=args.base, controls=controls, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
-        batch_size=args.batch, guess_mode=args.guess_mode, sampler=args.sampler, variant=args.variant,
-        dtype=args.dtype, device=args.device,
+        base=args.base,
+        controls=controls,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch,
+        guess_mode=args.guess_mode,
+        sampler=args.sampler,
+        variant=args.variant,
+        dtype=args.dtype,
+        device=args.device,
     )
 
 

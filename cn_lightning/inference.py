@@ -51,7 +51,12 @@ from cn_lightning.models.diffusion import make_sampler
 MAX_DISCRETE_COLOURS = 256
 SIZE_MULTIPLE = 8
 # What a ControlNet shares with the UNet it drives: its residuals must fit that UNet's skips.
-CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "layers_per_block", "in_channels")
+CONTROLNET_FIT_KEYS = (
+    "block_out_channels",
+    "cross_attention_dim",
+    "layers_per_block",
+    "in_channels",
+)
 
 
 @dataclass
@@ -160,11 +165,15 @@ def load_controlnet_and_unet(
     check_fits(controlnet, backbone.unet, path, backbone.vae_scale_factor)
     if controlnet.dtype != dtype:
         controlnet.to(dtype=dtype)
-    companion = find_companion_unet(path, weights.decoder_state_dict if weights is not None else None)
+    companion = find_companion_unet(
+        path, weights.decoder_state_dict if weights is not None else None
+    )
     return controlnet.eval(), companion
 
 
-def load_controlnets(paths: Sequence[str], backbone: Backbone, dtype: torch.dtype) -> list[ControlNetModel]:
+def load_controlnets(
+    paths: Sequence[str], backbone: Backbone, dtype: torch.dtype
+) -> list[ControlNetModel]:
     """The ControlNets of ``paths``; a fine-tuned UNet that comes with one of them (a run trained with
     ``sd_locked: false``, or an export with ``unet/``) replaces ``backbone.unet``: the ControlNet was
     trained with that decoder. The base model's UNet gives the rest of a checkpoint's UNet."""
@@ -183,7 +192,9 @@ def load_controlnets(paths: Sequence[str], backbone: Backbone, dtype: torch.dtyp
     return [controlnet for controlnet, _ in loaded]
 
 
-def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str, vae_scale_factor: int) -> None:
+def check_fits(
+    controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str, vae_scale_factor: int
+) -> None:
     """Refuse, in one line, a ControlNet whose residuals cannot be added to ``unet``'s skips or
     whose condition encoder does not downsample to the base model's latent grid."""
     hint_factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
@@ -202,7 +213,9 @@ def build_pipeline(
 ) -> StableDiffusionControlNetPipeline:
     """diffusers' ControlNet pipeline from local components; several ControlNets are summed."""
     scheduler = make_sampler(sampler, backbone.noise_scheduler.config)
-    controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
+    controlnet = (
+        controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
+    )
     pipe = StableDiffusionControlNetPipeline(
         vae=backbone.vae,
         text_encoder=backbone.text_encoder,
@@ -244,11 +257,16 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
     width, height = default_size(photos[0], native)
     width, height = _round(settings.width or width), _round(settings.height or height)
     settings.width, settings.height = width, height
-    conditions = [prepare_condition(p, width, height, c.extractor) for p, c in zip(photos, settings.controls, strict=True)]
+    conditions = [
+        prepare_condition(p, width, height, c.extractor)
+        for p, c in zip(photos, settings.controls, strict=True)
+    ]
     controlnets = load_controlnets([c.controlnet for c in settings.controls], backbone, dtype)
     pipe = build_pipeline(backbone, controlnets, settings.sampler).to(device)
     multi = len(controlnets) > 1
-    generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(settings.batch_size)]
+    generators = [
+        torch.Generator().manual_seed(settings.seed + i) for i in range(settings.batch_size)
+    ]
     images = pipe(
         prompt=[settings.prompt] * settings.batch_size,
         negative_prompt=[settings.negative_prompt] * settings.batch_size,
@@ -257,7 +275,9 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
         width=width,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
-        controlnet_conditioning_scale=[c.scale for c in settings.controls] if multi else settings.controls[0].scale,
+        controlnet_conditioning_scale=[c.scale for c in settings.controls]
+        if multi
+        else settings.controls[0].scale,
         guess_mode=settings.guess_mode,
         generator=generators,
     ).images
@@ -269,7 +289,7 @@ def png_metadata(settings: GenerationSettings, index: int) -> PngInfo:
     seed = settings.seed + index
     info = PngInfo()
     controls = ", ".join(
-        f"ControlNet {i}: \"{c.controlnet}, weight: {c.scale}, preprocessor: {c.extractor or 'none'}\""
+        f'ControlNet {i}: "{c.controlnet}, weight: {c.scale}, preprocessor: {c.extractor or "none"}"'
         for i, c in enumerate(settings.controls)
     )
     info.add_text(
@@ -279,7 +299,9 @@ def png_metadata(settings: GenerationSettings, index: int) -> PngInfo:
         f"Seed: {seed}, Size: {settings.width}x{settings.height}, Model: {Path(settings.base).name}, "
         f"Guess mode: {settings.guess_mode}, {controls}",
     )
-    info.add_text("cn_lightning", json.dumps({**asdict(settings), "seed": seed, "batch_index": index}))
+    info.add_text(
+        "cn_lightning", json.dumps({**asdict(settings), "seed": seed, "batch_index": index})
+    )
     return info
 
 
@@ -291,10 +313,16 @@ def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> Pat
 
 
 def save_outputs(
-    images: Sequence[Image.Image], settings: GenerationSettings, out: Path, conditions: Sequence[Image.Image] = ()
+    images: Sequence[Image.Image],
+    settings: GenerationSettings,
+    out: Path,
+    conditions: Sequence[Image.Image] = (),
 ) -> list[Path]:
     """``out/<seed>.png`` per image (settings in the metadata), and ``out/condition_<i>.png``."""
-    paths = [save_png(im, out / f"{settings.seed + i:06d}.png", png_metadata(settings, i)) for i, im in enumerate(images)]
+    paths = [
+        save_png(im, out / f"{settings.seed + i:06d}.png", png_metadata(settings, i))
+        for i, im in enumerate(images)
+    ]
     for i, condition in enumerate(conditions):
         save_png(condition, out / f"condition_{i}.png")
     return paths
@@ -316,7 +344,9 @@ class PipelineSource:
 
     def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
         if not cfg.base or not cfg.controlnet:
-            raise ConfigError("give --base and --controlnet to generate images, or --images DIR to score existing ones")
+            raise ConfigError(
+                "give --base and --controlnet to generate images, or --images DIR to score existing ones"
+            )
         backbone = load_backbone(cfg.base, dtype, variant=cfg.variant)
         # A ControlNet trained with sd_locked=false brings its fine-tuned UNet (it replaces backbone.unet).
         controlnets = load_controlnets([cfg.controlnet], backbone, dtype)

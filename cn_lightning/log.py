@@ -88,4 +88,12 @@ def _install_default() -> None:
 
 _install_default()
 
-__all__ = ["ConsoleHandler", "ExcludeFilter", "LOGGER_NAME", "get_logger", "info", "is_global_zero", "warning"]
+__all__ = [
+    "ConsoleHandler",
+    "ExcludeFilter",
+    "LOGGER_NAME",
+    "get_logger",
+    "info",
+    "is_global_zero",
+    "warning",
+]

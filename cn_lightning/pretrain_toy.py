@@ -37,11 +37,15 @@ from cn_lightning.models.toy import (
 register_resolvers()
 
 
-def fit_stage(cfg: DictConfig, module: L.LightningModule, datamodule, name: str, steps: int) -> float:
+def fit_stage(
+    cfg: DictConfig, module: L.LightningModule, datamodule, name: str, steps: int
+) -> float:
     """Fit one stage for ``steps`` optimizer steps; return its wall time in seconds."""
     run_dir = Path(cfg.paths.output_dir)
     trainer = hydra.utils.instantiate(
-        cfg.trainer, max_steps=steps, default_root_dir=str(run_dir / name),
+        cfg.trainer,
+        max_steps=steps,
+        default_root_dir=str(run_dir / name),
         logger=CSVLogger(str(run_dir), name=name, version=""),
     )
     start = time.perf_counter()
@@ -65,16 +69,25 @@ def colour_check(module: ToyDiffusionModule, cfg: DictConfig, out_png: Path) -> 
 
     prompts, pairs = held_out_prompts(cfg.check.num_prompts, cfg.check.seed)
     module.eval()
-    images = module.generate(prompts, size=cfg.data.resolution, steps=cfg.check.steps,
-                             guidance_scale=cfg.check.guidance_scale, seed=cfg.check.seed)
+    images = module.generate(
+        prompts,
+        size=cfg.data.resolution,
+        steps=cfg.check.steps,
+        guidance_scale=cfg.check.guidance_scale,
+        seed=cfg.check.seed,
+    )
     bg, fg = colour_statistics(images)
     bg_names = nearest_colour_names(bg, COLOURS)
     fg_names = nearest_colour_names(fg, COLOURS)
-    rows = [list(images[i: i + 8]) for i in range(0, len(images), 8)]
+    rows = [list(images[i : i + 8]) for i in range(0, len(images), 8)]
     Image.fromarray(make_grid(rows)).save(out_png)
     return {
-        "background_accuracy": float(np.mean([n == b for n, (_, b) in zip(bg_names, pairs, strict=True)])),
-        "circle_accuracy": float(np.mean([n == a for n, (a, _) in zip(fg_names, pairs, strict=True)])),
+        "background_accuracy": float(
+            np.mean([n == b for n, (_, b) in zip(bg_names, pairs, strict=True)])
+        ),
+        "circle_accuracy": float(
+            np.mean([n == a for n, (a, _) in zip(fg_names, pairs, strict=True)])
+        ),
         "grid": str(out_png),
     }
 
@@ -86,7 +99,9 @@ def pretrain(cfg: DictConfig) -> dict:
     write_tokenizer(tokenizer_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
 
-    vae_module = ToyVAEModule(learning_rate=cfg.vae.learning_rate, kl_weight=cfg.vae.kl_weight, seed=cfg.seed)
+    vae_module = ToyVAEModule(
+        learning_rate=cfg.vae.learning_rate, kl_weight=cfg.vae.kl_weight, seed=cfg.seed
+    )
     vae_time = fit_stage(cfg, vae_module, datamodule, "stage1_vae", cfg.vae.steps)
     vae = vae_module.vae.cpu().eval()
     probe = next(iter(datamodule.train_dataloader()))["image"]
@@ -94,8 +109,11 @@ def pretrain(cfg: DictConfig) -> dict:
     vae.save_pretrained(run_dir / "stage1_vae" / "vae")
 
     unet_module = ToyDiffusionModule(
-        vae_dir=str(run_dir / "stage1_vae" / "vae"), tokenizer_dir=str(tokenizer_dir),
-        learning_rate=cfg.unet.learning_rate, ucg_rate=cfg.unet.ucg_rate, seed=cfg.seed,
+        vae_dir=str(run_dir / "stage1_vae" / "vae"),
+        tokenizer_dir=str(tokenizer_dir),
+        learning_rate=cfg.unet.learning_rate,
+        ucg_rate=cfg.unet.ucg_rate,
+        seed=cfg.seed,
     )
     unet_time = fit_stage(cfg, unet_module, datamodule, "stage2_unet", cfg.unet.steps)
     unet_module.cpu()
@@ -108,8 +126,15 @@ def pretrain(cfg: DictConfig) -> dict:
         "torch_threads": torch.get_num_threads(),
         "colour_check": {k: v for k, v in check.items() if k != "grid"},
     }
-    out = save_toy_backbone(cfg.out_dir, unet_module.unet, unet_module.vae, unet_module.text_encoder,
-                            tokenizer_dir, unet_module.noise_scheduler, provenance)
+    out = save_toy_backbone(
+        cfg.out_dir,
+        unet_module.unet,
+        unet_module.vae,
+        unet_module.text_encoder,
+        tokenizer_dir,
+        unet_module.noise_scheduler,
+        provenance,
+    )
     summary = {"out_dir": str(out), **provenance["train_seconds"], **check}
     log.info(f"toy backbone written to {out}: {json.dumps(summary)}")
     return summary

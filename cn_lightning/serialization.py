@@ -64,13 +64,33 @@ def checkpoint_safe_globals(deepspeed: bool = False) -> list[Any]:
     import numpy as np
 
     allowed: list[Any] = [
-        typing.Any, collections.defaultdict, dict, list, tuple, set, int, float, str, bool, bytes,
-        pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
-        np.ndarray, np.dtype,
+        typing.Any,
+        collections.defaultdict,
+        dict,
+        list,
+        tuple,
+        set,
+        int,
+        float,
+        str,
+        bool,
+        bytes,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+        np.ndarray,
+        np.dtype,
     ]
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    allowed += [multiarray._reconstruct, multiarray.scalar]  # arrays and NumPy scalars (np.int64(3))
-    allowed += [type(np.dtype(t)) for t in ("bool", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8")]
+    allowed += [
+        multiarray._reconstruct,
+        multiarray.scalar,
+    ]  # arrays and NumPy scalars (np.int64(3))
+    allowed += [
+        type(np.dtype(t))
+        for t in ("bool", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8")
+    ]
     try:
         from omegaconf import DictConfig, ListConfig, nodes
         from omegaconf.base import ContainerMetadata, Metadata
@@ -78,7 +98,15 @@ def checkpoint_safe_globals(deepspeed: bool = False) -> list[Any]:
         allowed += [DictConfig, ListConfig, ContainerMetadata, Metadata]
         allowed += [
             getattr(nodes, name)
-            for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode")
+            for name in (
+                "AnyNode",
+                "StringNode",
+                "IntegerNode",
+                "FloatNode",
+                "BooleanNode",
+                "BytesNode",
+                "PathNode",
+            )
             if hasattr(nodes, name)
         ]
     except ImportError:  # pragma: no cover - omegaconf comes with hydra, a dependency
@@ -108,8 +136,12 @@ def _refusal(path: str | os.PathLike, err: BaseException) -> UnsafeCheckpointErr
     text = str(err)
     found = _REFUSED_GLOBAL.search(text)
     if found:
-        return UnsafeCheckpointError(f"{path}: refusing to unpickle {found.group(1)} (not a safe checkpoint: {_SAFE_ONLY})")
-    detail = _UNPICKLER_ERROR.search(text) or re.search(r"\n\n([^\n]+)\n\nCheck the documentation", text)
+        return UnsafeCheckpointError(
+            f"{path}: refusing to unpickle {found.group(1)} (not a safe checkpoint: {_SAFE_ONLY})"
+        )
+    detail = _UNPICKLER_ERROR.search(text) or re.search(
+        r"\n\n([^\n]+)\n\nCheck the documentation", text
+    )
     reason = "" if detail is None else f" ({detail.group(1).strip().split('. ')[0].rstrip('.')})"
     return UnsafeCheckpointError(
         f"{path}: not a safe checkpoint, or not a checkpoint at all: refusing to unpickle it{reason} ({_SAFE_ONLY})"
@@ -190,7 +222,9 @@ class _SafeTorch(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
-    def load(self, f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **_: Any) -> Any:
+    def load(
+        self, f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **_: Any
+    ) -> Any:
         return safe_torch_load(f, map_location=map_location, mmap=mmap, deepspeed=self._deepspeed)
 
 
@@ -271,7 +305,9 @@ def read_state_dict(
     if not path.is_file():
         raise error(f"{path}: no such file; expected a {what} .safetensors or .ckpt checkpoint")
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise error(f"{path}: expected a checkpoint file ending in {', '.join(SINGLE_FILE_SUFFIXES)}")
+        raise error(
+            f"{path}: expected a checkpoint file ending in {', '.join(SINGLE_FILE_SUFFIXES)}"
+        )
     records: dict[str, Any] = {}
     try:
         if path.suffix.lower() == ".safetensors":
@@ -292,7 +328,11 @@ def read_state_dict(
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        state = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+        state = (
+            {k: v for k, v in state.items() if isinstance(v, Tensor)}
+            if isinstance(state, dict)
+            else {}
+        )
     if not state:
         raise error(f"{path}: holds no tensors; expected a {what} state dict")
     return state, records

@@ -46,8 +46,13 @@ def list_split(src: str, split: str) -> list[dict[str, str]]:
     for name in sorted(os.listdir(image_dir)):
         if name.lower().endswith((".jpg", ".jpeg", ".png")):
             stem = os.path.splitext(name)[0]
-            items.append({"image": f"images/{split}/{name}",
-                          "annotation": f"annotations/{split}/{stem}.png", "split": split})
+            items.append(
+                {
+                    "image": f"images/{split}/{name}",
+                    "annotation": f"annotations/{split}/{stem}.png",
+                    "split": split,
+                }
+            )
     return items
 
 
@@ -73,7 +78,8 @@ def load_captions(path: str | None) -> dict[str, str]:
             row = json.loads(line)
             name = row.get("file_name") or row["key"]
             captions[os.path.splitext(os.path.basename(name))[0]] = str(
-                row.get("text", row.get("caption", "")))
+                row.get("text", row.get("caption", ""))
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             die(f"--captions {path}: line {lineno} is not a JSON object with file_name and text")
     return captions
@@ -104,8 +110,7 @@ class ADE20KMaker(SampleMaker):
         image = read_image_file(os.path.join(self.src, item["image"]))
         if image is None:
             raise RejectedInput("unreadable_image", item["image"])
-        annotation = cv2.imread(os.path.join(self.src, item["annotation"]),
-                                cv2.IMREAD_UNCHANGED)
+        annotation = cv2.imread(os.path.join(self.src, item["annotation"]), cv2.IMREAD_UNCHANGED)
         if annotation is None:
             raise RejectedInput("unreadable_annotation", item["annotation"])
         if annotation.ndim == 3:  # a palette PNG saved as RGB: class index is in every channel
@@ -116,13 +121,20 @@ class ADE20KMaker(SampleMaker):
         image = apply_resize_policy(image, self.resolution, self.resize)
         # Nearest-neighbour on the class indices: no invented classes at region borders.
         labels = ade_annotation_to_labels(
-            apply_resize_policy(annotation, self.resolution, self.resize, discrete=True))
+            apply_resize_policy(annotation, self.resolution, self.resize, discrete=True)
+        )
         stem = os.path.splitext(os.path.basename(item["image"]))[0]
         names = class_names_present(labels)
         prompt = self.captions.get(stem) or prompt_from_classes(names)
-        meta = {"source": "ade20k", "split": item["split"], "image_path": item["image"],
-                "original_size": original, "condition": CONDITION, "classes": names,
-                "caption_source": "captions" if stem in self.captions else "class_names"}
+        meta = {
+            "source": "ade20k",
+            "split": item["split"],
+            "image_path": item["image"],
+            "original_size": original,
+            "condition": CONDITION,
+            "classes": names,
+            "caption_source": "captions" if stem in self.captions else "class_names",
+        }
         return {
             "__key__": sanitize_key(stem),
             self.image_format: encode_image(image, self.image_format, self.quality),
@@ -133,8 +145,9 @@ class ADE20KMaker(SampleMaker):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.ade20k",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.ade20k", description=__doc__.split("\n\n")[0]
+    )
     add_common_args(parser, prefix="ade20k")
     parser.add_argument("--split", choices=(*SPLITS, "all"), default="training")
     parser.add_argument("--captions", default=None, help="optional captions file")
@@ -145,11 +158,21 @@ def main(argv: list[str] | None = None) -> None:
     items = [item for split in splits for item in list_split(args.src, split)]
     if not items:
         die(f"--src {args.src}: no images in {', '.join(splits)}")
-    cfg = config_from_args(args, "ade20k", image_format="jpg", condition_types=[CONDITION],
-                           settings={"src": os.path.abspath(args.src), "split": args.split,
-                                     "captions": args.captions})
-    maker = ADE20KMaker(args.src, load_captions(args.captions), cfg.resolution, cfg.resize,
-                        cfg.image_format, cfg.quality)
+    cfg = config_from_args(
+        args,
+        "ade20k",
+        image_format="jpg",
+        condition_types=[CONDITION],
+        settings={"src": os.path.abspath(args.src), "split": args.split, "captions": args.captions},
+    )
+    maker = ADE20KMaker(
+        args.src,
+        load_captions(args.captions),
+        cfg.resolution,
+        cfg.resize,
+        cfg.image_format,
+        cfg.quality,
+    )
     print_summary(run_shards(items, maker, cfg), cfg)
 
 

@@ -68,8 +68,9 @@ def encode_batch(vae, images: list[np.ndarray], device: torch.device) -> np.ndar
     return vae.encode(x).latent_dist.mean.float().cpu().numpy().astype(np.float16)
 
 
-def _prepared_batches(url: str, resolution: int, batch_size: int, rejected: list,
-                      pool: ThreadPoolExecutor | None) -> Iterator[list[tuple[dict, np.ndarray]]]:
+def _prepared_batches(
+    url: str, resolution: int, batch_size: int, rejected: list, pool: ThreadPoolExecutor | None
+) -> Iterator[list[tuple[dict, np.ndarray]]]:
     """Batches of (sample without ``__url__``/old latent, centre crop) of one shard; the images
     are decoded and cropped by ``pool``'s threads (OpenCV releases the GIL)."""
     counter = SkipCounter()
@@ -83,10 +84,11 @@ def _prepared_batches(url: str, resolution: int, batch_size: int, rejected: list
     raws = iter_tar(url, counter)
     while chunk := list(itertools.islice(raws, batch_size)):
         batch = []
-        for sample, crop in (pool.map(prepare, chunk) if pool else map(prepare, chunk)):
+        for sample, crop in pool.map(prepare, chunk) if pool else map(prepare, chunk):
             if crop is None:
-                rejected.append({"input": f"{url}:{sample['__key__']}",
-                                 "reason": "unreadable_image"})
+                rejected.append(
+                    {"input": f"{url}:{sample['__key__']}", "reason": "unreadable_image"}
+                )
             else:
                 batch.append((sample, crop))
         if batch:
@@ -128,17 +130,30 @@ def _prefetched(batches: Iterator, depth: int = 2) -> Iterator:
                 thread.join(0.01)
 
 
-def _with_latents(url: str, vae, resolution: int, batch_size: int, device, rejected: list,
-                  vae_path: str, pool: ThreadPoolExecutor | None = None,
-                  progress: tqdm | None = None) -> Iterator[dict]:
+def _with_latents(
+    url: str,
+    vae,
+    resolution: int,
+    batch_size: int,
+    device,
+    rejected: list,
+    vae_path: str,
+    pool: ThreadPoolExecutor | None = None,
+    progress: tqdm | None = None,
+) -> Iterator[dict]:
     """The samples of one shard with ``latent.npy`` added, encoded in batches."""
     batches = _prepared_batches(url, resolution, batch_size, rejected, pool)
     for batch in _prefetched(batches) if pool else batches:
         latents = encode_batch(vae, [crop for _, crop in batch], device)
         for (sample, _), latent in zip(batch, latents, strict=True):
             meta = json.loads(sample.get("json", b"{}") or b"{}")
-            meta["latent"] = {"resolution": resolution, "crop": "center", "vae": vae_path,
-                              "shape": list(latent.shape), "scaled": False}
+            meta["latent"] = {
+                "resolution": resolution,
+                "crop": "center",
+                "vae": vae_path,
+                "shape": list(latent.shape),
+                "scaled": False,
+            }
             sample["json"] = json.dumps(meta).encode()
             sample[LATENT_EXT] = encode_npy(latent)
             yield sample
@@ -155,33 +170,61 @@ def build_manifest(out: str, source: dict | None, info: dict, num_shards: int) -
             with open(os.path.join(stats_dir, name)) as f:
                 stats.append(json.load(f))
     rejected = [r for s in stats for r in s["rejected"]]
-    base = {k: v for k, v in (source or {}).items()
-            if k in ("condition_types", "image_format", "settings", "prefix", "resize")}
-    return {"format": FORMAT_VERSION, "tool": "cache_latents", **base,
-            "complete": len(stats) == num_shards, "num_shards": num_shards,
-            "num_shards_done": len(stats), "num_samples": sum(s["num_samples"] for s in stats),
-            "resolution": info["resolution"], "latent": info,
-            "shards": [{k: s[k] for k in ("name", "num_samples", "bytes")} for s in stats],
-            "num_rejected": len(rejected), "rejected": rejected}
+    base = {
+        k: v
+        for k, v in (source or {}).items()
+        if k in ("condition_types", "image_format", "settings", "prefix", "resize")
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "tool": "cache_latents",
+        **base,
+        "complete": len(stats) == num_shards,
+        "num_shards": num_shards,
+        "num_shards_done": len(stats),
+        "num_samples": sum(s["num_samples"] for s in stats),
+        "resolution": info["resolution"],
+        "latent": info,
+        "shards": [{k: s[k] for k in ("name", "num_samples", "bytes")} for s in stats],
+        "num_rejected": len(rejected),
+        "rejected": rejected,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.cache_latents",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.cache_latents", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shards", required=True, help="input shards (pattern, list or folder)")
     parser.add_argument("--model", required=True, help="diffusers model folder with vae/")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="crop size (default: the input manifest's resolution)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="images per VAE forward pass (default 16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device of the VAE (default: cuda when present, else cpu)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                        help="VAE precision (default float32; the latents are stored as float16)")
-    parser.add_argument("--decode-threads", type=int, default=2,
-                        help="threads reading and decoding the next batch while the VAE encodes "
-                             "this one (0: in the main thread; default 2)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="crop size (default: the input manifest's resolution)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per VAE forward pass (default 16)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device of the VAE (default: cuda when present, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="VAE precision (default float32; the latents are stored as float16)",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=2,
+        help="threads reading and decoding the next batch while the VAE encodes "
+        "this one (0: in the main thread; default 2)",
+    )
     parser.add_argument("--num-parts", type=int, default=None)
     parser.add_argument("--part-index", type=int, default=None)
     args = parser.parse_args(argv)
@@ -201,8 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape per run
     vae = load_vae(args.model, device, getattr(torch, args.dtype))
-    info = {"resolution": resolution, "crop": "center", "vae": os.path.abspath(args.model),
-            "dtype": "float16", "statistic": "posterior mean", "scaled": False}
+    info = {
+        "resolution": resolution,
+        "crop": "center",
+        "vae": os.path.abspath(args.model),
+        "dtype": "float16",
+        "statistic": "posterior mean",
+        "scaled": False,
+    }
 
     mine = [u for i, u in enumerate(urls) if i % num_parts == part_index]
     todo = [u for u in mine if not _finished(args.out, os.path.basename(u))]
@@ -214,12 +263,20 @@ def main(argv: list[str] | None = None) -> None:
             name = os.path.basename(url)
             rejected: list[dict] = []
             start = time.perf_counter()
-            samples = _with_latents(url, vae, resolution, args.batch_size, device, rejected,
-                                    info["vae"], pool, progress)
+            samples = _with_latents(
+                url, vae, resolution, args.batch_size, device, rejected, info["vae"], pool, progress
+            )
             count, nbytes = write_shard_atomic(os.path.join(args.out, name), samples)
-            write_json_atomic(_stats_path(args.out, name),
-                              {"name": name, "num_samples": count, "bytes": nbytes,
-                               "rejected": rejected, "seconds": time.perf_counter() - start})
+            write_json_atomic(
+                _stats_path(args.out, name),
+                {
+                    "name": name,
+                    "num_samples": count,
+                    "bytes": nbytes,
+                    "rejected": rejected,
+                    "seconds": time.perf_counter() - start,
+                },
+            )
             encoded += count
     finally:
         progress.close()
@@ -229,10 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     manifest = build_manifest(args.out, source, info, len(urls))
     write_json_atomic(os.path.join(args.out, MANIFEST_NAME), manifest)
     rate = f"{encoded / seconds:.2f} samples/s" if encoded and seconds > 0 else "nothing to do"
-    print(f"[cache_latents] {manifest['num_samples']} samples with latents in "
-          f"{manifest['num_shards_done']}/{manifest['num_shards']} shards -> {args.out} "
-          f"(this run: {encoded} samples in {len(todo)} shards, {rate}, skipped "
-          f"{len(mine) - len(todo)} finished)")
+    print(
+        f"[cache_latents] {manifest['num_samples']} samples with latents in "
+        f"{manifest['num_shards_done']}/{manifest['num_shards']} shards -> {args.out} "
+        f"(this run: {encoded} samples in {len(todo)} shards, {rate}, skipped "
+        f"{len(mine) - len(todo)} finished)"
+    )
 
 
 def _stats_path(out: str, name: str) -> str:
@@ -249,6 +308,7 @@ def _expected_samples(source: dict | None, urls: list[str]) -> int | None:
     counts = {s.get("name"): s.get("num_samples") for s in (source or {}).get("shards", [])}
     known = [counts.get(os.path.basename(u)) for u in urls]
     return sum(known) if all(isinstance(n, int) for n in known) else None
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -44,8 +44,14 @@ def read_prompt_file(src: str) -> list[dict[str, str]]:
                 continue
             try:
                 entry = json.loads(line)
-                entries.append({"source": entry["source"], "target": entry["target"],
-                                "prompt": entry.get("prompt", ""), "line": lineno})
+                entries.append(
+                    {
+                        "source": entry["source"],
+                        "target": entry["target"],
+                        "prompt": entry.get("prompt", ""),
+                        "line": lineno,
+                    }
+                )
             except (ValueError, KeyError, TypeError) as err:
                 entries.append({"error": f"prompt.json line {lineno}: {err}", "line": lineno})
     return entries
@@ -76,9 +82,13 @@ class Fill50kMaker(SampleMaker):
         target = apply_resize_policy(target, self.resolution, self.resize)
         condition = binarise_outline(apply_resize_policy(source, self.resolution, self.resize))
         key = sanitize_key(os.path.splitext(item["target"])[0].replace("target/", ""))
-        meta = {"source": "fill50k", "target_path": item["target"],
-                "source_path": item["source"], "original_size": original,
-                "condition": CONDITION}
+        meta = {
+            "source": "fill50k",
+            "target_path": item["target"],
+            "source_path": item["source"],
+            "original_size": original,
+            "condition": CONDITION,
+        }
         return {
             "__key__": key,
             self.image_format: encode_image(target, self.image_format, self.quality),
@@ -89,8 +99,9 @@ class Fill50kMaker(SampleMaker):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.fill50k",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.fill50k", description=__doc__.split("\n\n")[0]
+    )
     add_common_args(parser, prefix="fill50k")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.src):
@@ -98,8 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     items = read_prompt_file(args.src)
     if not items:
         die(f"--src {args.src}: prompt.json has no entries")
-    cfg = config_from_args(args, "fill50k", image_format="png", condition_types=[CONDITION],
-                           settings={"src": os.path.abspath(args.src)})
+    cfg = config_from_args(
+        args,
+        "fill50k",
+        image_format="png",
+        condition_types=[CONDITION],
+        settings={"src": os.path.abspath(args.src)},
+    )
     maker = Fill50kMaker(args.src, cfg.resolution, cfg.resize, cfg.image_format, cfg.quality)
     print_summary(run_shards(items, maker, cfg), cfg)
 

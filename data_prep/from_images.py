@@ -63,14 +63,18 @@ def list_folder(src: str) -> list[dict[str, Any]]:
         for name in sorted(files):
             if name.lower().endswith(FOLDER_IMAGE_EXTS):
                 path = os.path.join(root, name)
-                items.append({"image": os.path.relpath(path, src),
-                              "caption_file": os.path.relpath(os.path.splitext(path)[0] + ".txt",
-                                                              src)})
+                items.append(
+                    {
+                        "image": os.path.relpath(path, src),
+                        "caption_file": os.path.relpath(os.path.splitext(path)[0] + ".txt", src),
+                    }
+                )
     return items
 
 
-def list_metadata_jsonl(src: str, caption_column: str | None,
-                        condition_column: str | None) -> list[dict[str, Any]]:
+def list_metadata_jsonl(
+    src: str, caption_column: str | None, condition_column: str | None
+) -> list[dict[str, Any]]:
     """Entries of ``src/metadata.jsonl``; malformed lines become counted rejects."""
     items = []
     with open(os.path.join(src, "metadata.jsonl"), encoding="utf-8") as f:
@@ -122,8 +126,9 @@ def list_inputs(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     src = args.src
     if os.path.isdir(src):
         if os.path.isfile(os.path.join(src, "metadata.jsonl")):
-            return "metadata_jsonl", list_metadata_jsonl(src, args.caption_column,
-                                                         args.condition_column)
+            return "metadata_jsonl", list_metadata_jsonl(
+                src, args.caption_column, args.condition_column
+            )
         items = list_folder(src)
         if items:
             return "folder", items
@@ -162,6 +167,7 @@ class FromImagesMaker(SampleMaker):
         if image_ext is None:
             raise RejectedInput("missing_image", f"members: {sorted(members)}")
         with open(item["tar"], "rb") as f:
+
             def read(ext: str) -> bytes:
                 offset, size = members[ext]
                 f.seek(offset)
@@ -199,8 +205,13 @@ class FromImagesMaker(SampleMaker):
         original = list(image.shape[:2])
         image = apply_resize_policy(image, self.resolution, self.resize)
         condition = self._condition(item, image, original)
-        meta = {"source": "from_images", "input": self.describe(item), "original_size": original,
-                "condition": self.condition, "source_meta": source_meta}
+        meta = {
+            "source": "from_images",
+            "input": self.describe(item),
+            "original_size": original,
+            "condition": self.condition,
+            "source_meta": source_meta,
+        }
         return {
             "__key__": key,
             self.image_format: encode_image(image, self.image_format, self.quality),
@@ -216,34 +227,57 @@ class FromImagesMaker(SampleMaker):
             if condition is None:
                 raise RejectedInput("unreadable_condition", item["condition_file"])
             if list(condition.shape[:2]) != original:
-                raise RejectedInput("size_mismatch", f"{item['condition_file']}: "
-                                    f"{condition.shape[:2]} vs image {original}")
+                raise RejectedInput(
+                    "size_mismatch",
+                    f"{item['condition_file']}: {condition.shape[:2]} vs image {original}",
+                )
             discrete = get_spec(self.condition).discrete if self.condition else False
             return apply_resize_policy(condition, self.resolution, self.resize, discrete)
         condition = np.asarray(self._extract(image))
         if condition.shape[:2] != image.shape[:2] or condition.dtype != np.uint8:
-            raise RejectedInput("extractor_output", f"{self.condition} returned "
-                                f"{condition.dtype}{condition.shape} for image {image.shape}")
+            raise RejectedInput(
+                "extractor_output",
+                f"{self.condition} returned "
+                f"{condition.dtype}{condition.shape} for image {image.shape}",
+            )
         return condition
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.from_images",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.from_images",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     add_common_args(parser, prefix="data")
-    parser.add_argument("--condition", default="canny",
-                        help="extractor name from cn_lightning.conditions (default: canny)")
-    parser.add_argument("--condition-arg", action="append", metavar="NAME=VALUE",
-                        help="extractor option, repeatable (e.g. low_threshold=50, "
-                             "weights=/models/hed.pth)")
-    parser.add_argument("--extractor-module", action="append", default=[],
-                        help="module to import first; it registers more extractors")
-    parser.add_argument("--caption-column", default=None,
-                        help="metadata.jsonl caption column (default: text, caption or prompt)")
-    parser.add_argument("--condition-column", default=None,
-                        help="metadata.jsonl column naming an existing condition image")
+    parser.add_argument(
+        "--condition",
+        default="canny",
+        help="extractor name from cn_lightning.conditions (default: canny)",
+    )
+    parser.add_argument(
+        "--condition-arg",
+        action="append",
+        metavar="NAME=VALUE",
+        help="extractor option, repeatable (e.g. low_threshold=50, weights=/models/hed.pth)",
+    )
+    parser.add_argument(
+        "--extractor-module",
+        action="append",
+        default=[],
+        help="module to import first; it registers more extractors",
+    )
+    parser.add_argument(
+        "--caption-column",
+        default=None,
+        help="metadata.jsonl caption column (default: text, caption or prompt)",
+    )
+    parser.add_argument(
+        "--condition-column",
+        default=None,
+        help="metadata.jsonl column naming an existing condition image",
+    )
     return parser.parse_args(argv)
 
 
@@ -258,12 +292,29 @@ def main(argv: list[str] | None = None) -> None:
         die(str(err).strip("'\""))
     mode, items = list_inputs(args)
     options = parse_options(args.condition_arg)
-    cfg = config_from_args(args, "from_images", image_format="jpg",
-                           condition_types=[args.condition],
-                           settings={"src": os.path.abspath(args.src), "mode": mode,
-                                     "condition": args.condition, "options": options})
-    maker = FromImagesMaker(args.src, mode, args.condition, options, args.extractor_module,
-                            cfg.resolution, cfg.resize, cfg.image_format, cfg.quality)
+    cfg = config_from_args(
+        args,
+        "from_images",
+        image_format="jpg",
+        condition_types=[args.condition],
+        settings={
+            "src": os.path.abspath(args.src),
+            "mode": mode,
+            "condition": args.condition,
+            "options": options,
+        },
+    )
+    maker = FromImagesMaker(
+        args.src,
+        mode,
+        args.condition,
+        options,
+        args.extractor_module,
+        cfg.resolution,
+        cfg.resize,
+        cfg.image_format,
+        cfg.quality,
+    )
     print_summary(run_shards(items, maker, cfg), cfg)
 
 

@@ -52,8 +52,11 @@ class Report:
 
 def condition_names(sample: dict) -> list[str]:
     """Condition members of a sample: ``<name>.png`` (two-part extensions, not the image)."""
-    return sorted(k.rsplit(".", 1)[0] for k in sample
-                  if "." in k and k.rsplit(".", 1)[1] in _COND_EXTS and k != LATENT_EXT)
+    return sorted(
+        k.rsplit(".", 1)[0]
+        for k in sample
+        if "." in k and k.rsplit(".", 1)[1] in _COND_EXTS and k != LATENT_EXT
+    )
 
 
 def check_sample(sample: dict, wanted: str | None, report: Report, keep: bool) -> None:
@@ -80,8 +83,15 @@ def check_sample(sample: dict, wanted: str | None, report: Report, keep: bool) -
         ext = next(e for e in _COND_EXTS if f"{name}.{e}" in sample)
         cond = decode_image(sample[f"{name}.{ext}"])
         if cond is None or cond.shape[:2] != image.shape[:2]:
-            report.add_problem(f"{name}: " + ("undecodable" if cond is None else
-                               f"size {cond.shape[:2]} != image {image.shape[:2]}"), where)
+            report.add_problem(
+                f"{name}: "
+                + (
+                    "undecodable"
+                    if cond is None
+                    else f"size {cond.shape[:2]} != image {image.shape[:2]}"
+                ),
+                where,
+            )
             return
         report.conditions[name] += 1
         conds.append(cond)
@@ -98,8 +108,9 @@ def check_sample(sample: dict, wanted: str | None, report: Report, keep: bool) -
         report.examples.append((image, conds, sample["txt"].decode("utf-8", "replace")))
 
 
-def inspect_shards(urls: list[str], condition: str | None = None, num_examples: int = 8,
-                   progress: bool = True) -> Report:
+def inspect_shards(
+    urls: list[str], condition: str | None = None, num_examples: int = 8, progress: bool = True
+) -> Report:
     """Read every sample of every shard and check it."""
     report = Report()
     for url in tqdm(urls, desc="inspect", unit="shard", disable=not progress):
@@ -129,8 +140,9 @@ def contact_sheet(examples, cell: int = 192) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect_shards",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.inspect_shards", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("shards", nargs="+", help="folder, brace pattern, list or pipe: URL")
     parser.add_argument("--condition", default=None, help="require this condition member")
     parser.add_argument("--sheet", default=None, help="write a contact sheet PNG here")
@@ -142,13 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     if not urls or len(missing) == len(urls):
         die(f"no shards found at {' '.join(args.shards)}")
     report = inspect_shards(urls, args.condition, args.num_examples)
-    print(f"shards: {len(urls)}  samples: {report.samples}  good: {report.good}  "
-          f"problems: {sum(report.problem_counts.values())}")
+    print(
+        f"shards: {len(urls)}  samples: {report.samples}  good: {report.good}  "
+        f"problems: {sum(report.problem_counts.values())}"
+    )
     print(f"conditions: {dict(report.conditions)}  cached latents: {report.latents}")
     counts = list(report.per_shard.values())
     if counts:
-        print(f"samples per shard: min {min(counts)}  max {max(counts)}  "
-              f"mean {sum(counts) / len(counts):.1f}")
+        print(
+            f"samples per shard: min {min(counts)}  max {max(counts)}  "
+            f"mean {sum(counts) / len(counts):.1f}"
+        )
     for reason, n in report.problem_counts.items():
         print(f"  {reason}: {n}")
     for line in report.problems[:20]:

@@ -27,14 +27,19 @@ from data_prep.common import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic_circles",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.synthetic_circles", description=__doc__.split("\n\n")[0]
+    )
     add_common_args(parser, prefix="circles", src_required=False, default_resolution=None)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--size", type=int, default=512, help="generated image size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layout", choices=("shards", "fill50k"), default="shards",
-                        help="write shards, or the original tutorial layout for data_prep.fill50k")
+    parser.add_argument(
+        "--layout",
+        choices=("shards", "fill50k"),
+        default="shards",
+        help="write shards, or the original tutorial layout for data_prep.fill50k",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,11 +51,16 @@ def main(argv: list[str] | None = None) -> None:
         write_fill50k_layout(args.out, args.num_samples, args.size, args.seed)
         print(f"wrote {args.num_samples} samples in the fill50k layout to {args.out}")
         return
-    cfg = config_from_args(args, "synthetic_circles", image_format="png",
-                           condition_types=[CONDITION],
-                           settings={"seed": args.seed, "size": args.size})
-    maker = CircleMaker(args.size, args.seed, cfg.resolution, cfg.resize, cfg.image_format,
-                        cfg.quality)
+    cfg = config_from_args(
+        args,
+        "synthetic_circles",
+        image_format="png",
+        condition_types=[CONDITION],
+        settings={"seed": args.seed, "size": args.size},
+    )
+    maker = CircleMaker(
+        args.size, args.seed, cfg.resolution, cfg.resize, cfg.image_format, cfg.quality
+    )
     summary = run_shards(range(args.num_samples), maker, cfg)
     print_summary(summary, cfg)
 

@@ -37,4 +37,6 @@ class RandomPairsDataModule(L.LightningDataModule):
         self.n, self.size, self.batch_size = n, size, batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_RandomPairs(self.n, self.size), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(
+            _RandomPairs(self.n, self.size), batch_size=self.batch_size, shuffle=False
+        )

@@ -13,25 +13,32 @@ import numpy as np
 from cn_lightning.data.format import encode_image, write_shard_atomic
 
 
-def make_circle_shards(out: Path, num_samples: int = 48, size: int = 32,
-                       samples_per_shard: int = 8, seed: int = 0) -> str:
+def make_circle_shards(
+    out: Path, num_samples: int = 48, size: int = 32, samples_per_shard: int = 8, seed: int = 0
+) -> str:
     """Synthetic-circles shards in ``out``; returns their brace pattern."""
     from cn_lightning.data.synthetic import build_shards
 
-    summary, _ = build_shards(str(out), num_samples, size, seed, samples_per_shard,
-                              workers=0, progress=False)
+    summary, _ = build_shards(
+        str(out), num_samples, size, seed, samples_per_shard, workers=0, progress=False
+    )
     return os.path.join(str(out), summary.manifest["pattern"])
 
 
-def mirror_sample(key: str, size: tuple[int, int], seed: int, condition: str = "canny",
-                  image_fmt: str = "png") -> dict:
+def mirror_sample(
+    key: str, size: tuple[int, int], seed: int, condition: str = "canny", image_fmt: str = "png"
+) -> dict:
     """A sample whose condition is the image itself (lossless PNG), so any crop/flip mismatch
     between image and condition is visible pixel for pixel."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-    return {"__key__": key, image_fmt: encode_image(image, image_fmt),
-            f"{condition}.png": encode_image(image, "png"), "txt": f"prompt {key}",
-            "json": json.dumps({"i": seed})}
+    return {
+        "__key__": key,
+        image_fmt: encode_image(image, image_fmt),
+        f"{condition}.png": encode_image(image, "png"),
+        "txt": f"prompt {key}",
+        "json": json.dumps({"i": seed}),
+    }
 
 
 def write_shards(out: Path, samples_per_shard: list[list[dict]], prefix: str = "s") -> list[str]:
@@ -71,8 +78,14 @@ def save_tiny_vae(path: Path) -> str:
     """The tiny VAE of the contract, saved as ``path/vae``; returns ``path``."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(block_out_channels=[4, 8], norm_num_groups=2, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, in_channels=3, out_channels=3)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        norm_num_groups=2,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        in_channels=3,
+        out_channels=3,
+    )
     vae.save_pretrained(str(path / "vae"))
     return str(path)

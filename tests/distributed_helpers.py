@@ -108,12 +108,17 @@ def tiny_run_overrides(tiny_sd_path: str, shards: str, run_dir: Path, steps: int
     ]
 
 
-def run_train(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m cn_lightning.train ARGS``; asserts success unless ``check`` is False."""
     result = subprocess.run(
         [sys.executable, "-m", "cn_lightning.train", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
@@ -123,8 +128,9 @@ def run_train(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 60
 CONDITION_KEYS = ("canny", "depth", "normal", "mlsd", "hed", "seg", "openpose", "scribble")
 
 
-def write_condition_shards(out: Path, num_samples: int = 16, size: int = 32,
-                           per_shard: int = 4, conditions=CONDITION_KEYS) -> str:
+def write_condition_shards(
+    out: Path, num_samples: int = 16, size: int = 32, per_shard: int = 4, conditions=CONDITION_KEYS
+) -> str:
     """Tiny shards whose samples carry every paper condition (``<key>.<cond>.png``);
     returns the directory, which ``data.train_shards`` accepts."""
     import numpy as np
@@ -136,13 +142,17 @@ def write_condition_shards(out: Path, num_samples: int = 16, size: int = 32,
     samples = []
     for i in range(num_samples):
         image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        sample = {"__key__": f"{i:06d}", "png": encode_image(image, "png"),
-                  "txt": f"a test image {i}", "json": json.dumps({"i": i})}
+        sample = {
+            "__key__": f"{i:06d}",
+            "png": encode_image(image, "png"),
+            "txt": f"a test image {i}",
+            "json": json.dumps({"i": i}),
+        }
         for cond in conditions:
             sample[f"{cond}.png"] = encode_image(255 - image, "png")
         samples.append(sample)
     for s in range(0, num_samples, per_shard):
-        write_shard_atomic(str(out / f"cond-{s // per_shard:06d}.tar"), samples[s:s + per_shard])
+        write_shard_atomic(str(out / f"cond-{s // per_shard:06d}.tar"), samples[s : s + per_shard])
     return str(out)
 
 
@@ -190,7 +200,8 @@ class DtypeRecorder(L.Callback):
         else:  # the fp32 partitions DeepSpeed's ZeRO-3 / ZeRO-1,2 optimizer steps
             zero = engine.optimizer
             flat = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
-                zero, "single_partition_of_fp32_groups", [])
+                zero, "single_partition_of_fp32_groups", []
+            )
             master = {str(t.dtype) for t in flat}
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         dtypes = {

@@ -33,7 +33,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("cn_lightning.models",)),
     (
         "I/O and inference",
-        ("cn_lightning.inference", "cn_lightning.evaluation", "cn_lightning.config", "cn_lightning.strategies"),
+        (
+            "cn_lightning.inference",
+            "cn_lightning.evaluation",
+            "cn_lightning.config",
+            "cn_lightning.strategies",
+        ),
     ),
     ("callbacks", ("cn_lightning.callbacks",)),
     (
@@ -65,7 +70,9 @@ def layer_of(module: str) -> int:
                 continue
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = index, len(prefix)
-    assert best is not None, f"{module} has no layer in tests/test_architecture.py (and docs/architecture.md)"
+    assert best is not None, (
+        f"{module} has no layer in tests/test_architecture.py (and docs/architecture.md)"
+    )
     return best
 
 
@@ -91,7 +98,9 @@ def imports_of(path: Path, module: str) -> set[str]:
     return found
 
 
-FILES = {module_name(p): p for pkg in ("cn_lightning", "data_prep") for p in (ROOT / pkg).rglob("*.py")}
+FILES = {
+    module_name(p): p for pkg in ("cn_lightning", "data_prep") for p in (ROOT / pkg).rglob("*.py")
+}
 MODULES = set(FILES)
 GRAPH = {m: imports_of(p, m) - {m} for m, p in FILES.items()}
 
@@ -112,7 +121,13 @@ def test_no_command_line_imports_another():
 
 
 def test_package_never_imports_data_prep_and_has_no_utils():
-    assert not [(m, d) for m, deps in GRAPH.items() if m.startswith("cn_lightning") for d in deps if d.startswith("data_prep")]
+    assert not [
+        (m, d)
+        for m, deps in GRAPH.items()
+        if m.startswith("cn_lightning")
+        for d in deps
+        if d.startswith("data_prep")
+    ]
     assert not (ROOT / "cn_lightning" / "utils").exists()
 
 

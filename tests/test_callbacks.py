@@ -30,23 +30,42 @@ def circle_shards(tmp_path_factory) -> str:
 
 def _datamodule(shards: str) -> ShardDataModule:
     return ShardDataModule(
-        train_shards=shards, condition_key="outline", resolution=32, batch_size=2,
-        num_workers=0, shuffle_buffer=4, resampled=True, seed=0,
+        train_shards=shards,
+        condition_key="outline",
+        resolution=32,
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=4,
+        resampled=True,
+        seed=0,
     )
 
 
 def _trainer(root: Path, callbacks: list, loggers: list, max_steps: int) -> L.Trainer:
     return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_steps=max_steps,
-        log_every_n_steps=1, callbacks=callbacks, logger=loggers, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
 
 
 def test_schedule_is_log_spaced_then_every_n():
     steps = [s for s in range(1, 101) if sampling_schedule(s, 25)]
     assert steps == [1, 2, 4, 8, 16, 25, 50, 75, 100]
-    assert [s for s in range(1, 101) if sampling_schedule(s, 25, log_spaced=False)] == [25, 50, 75, 100]
+    assert [s for s in range(1, 101) if sampling_schedule(s, 25, log_spaced=False)] == [
+        25,
+        50,
+        75,
+        100,
+    ]
     assert not any(sampling_schedule(s, 0) for s in range(1, 100))
 
 
@@ -67,8 +86,12 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
     throughput = ThroughputLogger(window=4, peak_tflops=1.0)  # FLOPs counted on CPU too
     wandb_logger = make_wandb_logger(save_dir=str(tmp_path), name="callbacks-test", mode="offline")
     csv_logger = CSVLogger(tmp_path, name="csv", version="")
-    trainer = _trainer(tmp_path, [samples, detector, throughput, StepProgressBar()],
-                       [wandb_logger, csv_logger], max_steps=5)
+    trainer = _trainer(
+        tmp_path,
+        [samples, detector, throughput, StepProgressBar()],
+        [wandb_logger, csv_logger],
+        max_steps=5,
+    )
     trainer.fit(module, datamodule=_datamodule(circle_shards))
     wandb_logger.experiment.finish()
 
@@ -107,8 +130,9 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
     assert report["thresholds"]["persistence"] == 3
 
 
-def test_detector_in_a_run_finds_the_jump_and_stops_training(tiny_sd_path, circle_shards,
-                                                             tmp_path, capsys):
+def test_detector_in_a_run_finds_the_jump_and_stops_training(
+    tiny_sd_path, circle_shards, tmp_path, capsys
+):
     module = ControlNetModule(tiny_sd_path, sample_steps=2)
     # A series with a jump at step 3 (as if sampled earlier in this run); no new sampling.
     samples = SampleGridLogger(every_n_steps=0, at_start=False, at_end=False)
@@ -141,20 +165,31 @@ def _rendered(out: io.StringIO) -> str:
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without cursor moves, colours
 
 
-def test_progress_bar_counts_optimizer_steps_under_accumulation(tiny_sd_path, circle_shards,
-                                                                tmp_path):
+def test_progress_bar_counts_optimizer_steps_under_accumulation(
+    tiny_sd_path, circle_shards, tmp_path
+):
     """Live on a (forced) terminal: ``step N/max_steps`` counts optimizer steps, not the batches
     of the accumulation window (the old bar showed 8/4), and never passes ``max_steps``."""
     out = io.StringIO()
-    bar = StepProgressBar(refresh_per_second=1000,
-                          console_kwargs={"file": out, "force_terminal": True, "width": 200})
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=3,
-        accumulate_grad_batches=2, callbacks=[bar], logger=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    bar = StepProgressBar(
+        refresh_per_second=1000, console_kwargs={"file": out, "force_terminal": True, "width": 200}
     )
-    trainer.fit(ControlNetModule(tiny_sd_path, sample_steps=2),
-                datamodule=_datamodule(circle_shards))
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(
+        ControlNetModule(tiny_sd_path, sample_steps=2), datamodule=_datamodule(circle_shards)
+    )
     assert trainer.global_step == 3 and trainer.fit_loop.total_batch_idx == 5  # 6 batches
     text = _rendered(out)
     shown = [(int(a), int(b)) for a, b in re.findall(r"step (\d+)/(\d+)", text)]
@@ -180,9 +215,13 @@ def test_progress_bar_on_an_endless_stream_shows_steps_without_a_total():
 
     bar = StepProgressBar()
     bar.disable()
-    trainer = SimpleNamespace(global_step=7, max_steps=-1, world_size=1,
-                              estimated_stepping_batches=float("inf"),
-                              progress_bar_metrics={"train/loss": 0.25})
+    trainer = SimpleNamespace(
+        global_step=7,
+        max_steps=-1,
+        world_size=1,
+        estimated_stepping_batches=float("inf"),
+        progress_bar_metrics={"train/loss": 0.25},
+    )
     bar.on_train_start(trainer, None)
     bar._read(trainer, 0.0)
     fields = bar.status()
@@ -208,13 +247,24 @@ def test_sample_grid_without_usable_val_samples_names_the_cause(tmp_path):
         s = mirror_sample(f"k{i}", (32, 32), i, "outline")
         return s if latent is None else {**s, "latent.npy": encode_npy(latent)}
 
-    flat = write_shards(tmp_path / "flat", [[sample(i, np.zeros((4, 4), np.float16)) for i in range(3)]])
+    flat = write_shards(
+        tmp_path / "flat", [[sample(i, np.zeros((4, 4), np.float16)) for i in range(3)]]
+    )
     missing = write_shards(tmp_path / "missing", [[sample(i, None) for i in range(3)]])
     for shards, cause in ((flat, "got shape (4, 4)"), (missing, "no <key>.latent.npy")):
-        dm = ShardDataModule(train_shards=shards[0], val_shards=shards[0], condition_key="outline",
-                             resolution=32, batch_size=2, num_workers=0, use_cached_latents=True)
+        dm = ShardDataModule(
+            train_shards=shards[0],
+            val_shards=shards[0],
+            condition_key="outline",
+            resolution=32,
+            batch_size=2,
+            num_workers=0,
+            use_cached_latents=True,
+        )
         with pytest.raises(DataError) as info:
             _first_val_samples(dm, 4)
         message = str(info.value)
-        assert message.startswith("val_shards: no sample for the sample grid: every sample read was skipped")
+        assert message.startswith(
+            "val_shards: no sample for the sample grid: every sample read was skipped"
+        )
         assert "3 skipped: bad_latent x3" in message and cause in message and "k0" in message

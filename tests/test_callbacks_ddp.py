@@ -56,21 +56,31 @@ def test_sampling_callbacks_under_two_process_ddp(tiny_sd_path, tmp_path):
     script = tmp_path / "ddp_callbacks_run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     for key in [k for k in env if k.startswith(("SLURM_", "LOCAL_RANK", "WORLD_SIZE"))]:
         env.pop(key)
     # A hang in a collective would hit this timeout instead of blocking the suite.
     result = subprocess.run(
         [sys.executable, str(script), tiny_sd_path, shards, str(out)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=500,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=500,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((out / f"history_rank{r}.json").read_text()) for r in (0, 1)]
     # Both ranks hold the same fixed set (rank 0's) and the same gathered fidelity series.
     assert ranks[0]["prompts"] == ranks[1]["prompts"] and len(ranks[0]["prompts"]) == 3
-    strip = [[{k: v for k, v in h.items() if not k.startswith("sampling")} for h in r["history"]]
-             for r in ranks]
+    strip = [
+        [{k: v for k, v in h.items() if not k.startswith("sampling")} for h in r["history"]]
+        for r in ranks
+    ]
     assert strip[0] == strip[1]
     assert [h["step"] for h in strip[0]] == [0, 1, 2]  # start, log-spaced 1, every 2 (= end)
     # Rank 0 alone writes: one grid per step with all 3 rows, one convergence.json.

@@ -31,7 +31,11 @@ def _trainer(root, max_steps: int) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=2)],
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=root / "checkpoints", save_last=True, every_n_train_steps=2
+            )
+        ],
     )
 
 

@@ -11,7 +11,11 @@ def _train(*overrides: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", CN_LIGHTNING_OUTPUTS=str(cwd))
     return subprocess.run(
         [sys.executable, "-m", "cn_lightning.train", *overrides],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
     )
 
 
@@ -33,7 +37,9 @@ def test_directory_that_is_not_an_sd_model(tmp_path):
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "readme.txt").write_text("hello")
     result = _train(f"model.pretrained_model_path={tmp_path}/not_a_model", cwd=tmp_path)
-    _assert_one_line_error(result, "not_a_model", "not a diffusers Stable Diffusion directory", "unet/")
+    _assert_one_line_error(
+        result, "not_a_model", "not a diffusers Stable Diffusion directory", "unet/"
+    )
 
 
 def test_unknown_experiment(tmp_path):

@@ -36,8 +36,10 @@ def test_canny_finds_the_square_edges_only():
 
 def test_canny_thresholds_are_options():
     image = (np.random.default_rng(0).random((64, 64, 3)) * 40).astype(np.uint8)
-    assert get_extractor("canny", low_threshold=1, high_threshold=2)(image).sum() > \
-        get_extractor("canny")(image).sum()
+    assert (
+        get_extractor("canny", low_threshold=1, high_threshold=2)(image).sum()
+        > get_extractor("canny")(image).sum()
+    )
 
 
 def test_outline_binarises_grey_levels():

@@ -76,8 +76,26 @@ def test_needs_persistence_points_after_the_jump():
 
 def test_quickstart_like_short_series():
     steps = [0, 1, 2, 4, 8, 16, 25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 300]
-    values = [0.15, 0.16, 0.14, 0.15, 0.16, 0.15, 0.17, 0.14, 0.16, 0.15,
-              0.55, 0.7, 0.75, 0.72, 0.78, 0.8, 0.79, 0.8]
+    values = [
+        0.15,
+        0.16,
+        0.14,
+        0.15,
+        0.16,
+        0.15,
+        0.17,
+        0.14,
+        0.16,
+        0.15,
+        0.55,
+        0.7,
+        0.75,
+        0.72,
+        0.78,
+        0.8,
+        0.79,
+        0.8,
+    ]
     assert detect_sudden_convergence(steps, values) == 125
 
 
@@ -87,7 +105,9 @@ def test_defaults_are_the_documented_thresholds_and_inputs_checked():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
     table = dict(re.findall(r"^\| `(\w+)` \| ([\d.]+) \|", doc, flags=re.M))
-    assert {k: float(v) for k, v in table.items()} == {k: float(v) for k, v in DEFAULT_THRESHOLDS.items()}
+    assert {k: float(v) for k, v in table.items()} == {
+        k: float(v) for k, v in DEFAULT_THRESHOLDS.items()
+    }
     with pytest.raises(ValueError, match="unknown sudden-convergence thresholds"):
         detect_sudden_convergence([0, 1], [0.1, 0.2], min_efect=0.1)
     assert detect_sudden_convergence([], []) is None

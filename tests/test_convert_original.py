@@ -125,7 +125,9 @@ def _shipped(variant: str, name: str) -> dict:
 def test_full_size_keys_and_shapes_match_cldm(variant: str) -> None:
     sd2 = variant == "sd21"
     with torch.device("meta"):
-        controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_config(_shipped(variant, "unet")))
+        controlnet = ControlNetModel.from_unet(
+            UNet2DConditionModel.from_config(_shipped(variant, "unet"))
+        )
     original = controlnet_to_original(controlnet.state_dict(), controlnet.config)
     expected = cldm_controlnet_shapes(context_dim=1024 if sd2 else 768, linear_projection=sd2)
     assert {k: tuple(v.shape) for k, v in original.items()} == expected
@@ -173,17 +175,25 @@ def _assert_bit_identical(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
 
 @pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1-conv-proj", "sd2-linear-proj"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_diffusers_to_original_loads_back_with_diffusers(tmp_path: Path, config: dict, suffix: str) -> None:
+def test_diffusers_to_original_loads_back_with_diffusers(
+    tmp_path: Path, config: dict, suffix: str
+) -> None:
     model = _random_controlnet(config)
     original = controlnet_to_original(model.state_dict(), model.config)
     expected = cldm_controlnet_shapes(
-        model_channels=8, channel_mult=(1, 2), attention_levels=(0,), context_dim=12,
-        linear_projection=config["use_linear_projection"], hint=(4, 8, 8, 16),
+        model_channels=8,
+        channel_mult=(1, 2),
+        attention_levels=(0,),
+        context_dim=12,
+        linear_projection=config["use_linear_projection"],
+        hint=(4, 8, 8, 16),
     )
     assert {k: tuple(v.shape) for k, v in original.items()} == expected
     model.save_config(tmp_path)
     path = save_original(original, tmp_path / f"control_tiny{suffix}")
-    loaded = ControlNetModel.from_single_file(str(path), config=str(tmp_path), local_files_only=True)
+    loaded = ControlNetModel.from_single_file(
+        str(path), config=str(tmp_path), local_files_only=True
+    )
     _assert_bit_identical(model.state_dict(), loaded.state_dict())
 
 
@@ -192,13 +202,19 @@ def test_diffusers_to_original_loads_back_with_diffusers(tmp_path: Path, config:
 def test_original_to_diffusers_to_original(config: dict, prefixed: bool) -> None:
     """Start from random tensors in the cldm layout; diffusers' converter then ours gives them back."""
     shapes = cldm_controlnet_shapes(
-        model_channels=8, channel_mult=(1, 2), attention_levels=(0,), context_dim=12,
-        linear_projection=config["use_linear_projection"], hint=(4, 8, 8, 16),
+        model_channels=8,
+        channel_mult=(1, 2),
+        attention_levels=(0,),
+        context_dim=12,
+        linear_projection=config["use_linear_projection"],
+        hint=(4, 8, 8, 16),
     )
     g = torch.Generator().manual_seed(1)
     original = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     # Some distributed files (e.g. thibaud/controlnet-sd21) have no "control_model." prefix.
-    given = original if prefixed else {k.removeprefix("control_model."): v for k, v in original.items()}
+    given = (
+        original if prefixed else {k.removeprefix("control_model."): v for k, v in original.items()}
+    )
     model = ControlNetModel(**config)
     converted = original_to_controlnet(given, model.config)
     model.load_state_dict(converted, strict=True)  # every parameter provided, nothing left over
@@ -222,7 +238,9 @@ def test_non_original_hint_encoder_is_refused() -> None:
 def test_unknown_and_inconsistent_keys_are_refused() -> None:
     model = ControlNetModel(**TINY_SD1)
     state = model.state_dict()
-    with pytest.raises(CheckpointFormatError, match="no original-format equivalent: 'lora_A.weight'"):
+    with pytest.raises(
+        CheckpointFormatError, match="no original-format equivalent: 'lora_A.weight'"
+    ):
         controlnet_to_original({**state, "lora_A.weight": torch.zeros(1)}, model.config)
     with pytest.raises(CheckpointFormatError, match="layers_per_block=1"):
         controlnet_to_original(state, {**model.config, "layers_per_block": 1})

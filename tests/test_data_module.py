@@ -29,8 +29,9 @@ def circles(tmp_path_factory) -> str:
 
 
 def dm_for(shards, **kw) -> ShardDataModule:
-    args = dict(condition_key="outline", resolution=32, batch_size=4, num_workers=0,
-                shuffle_buffer=16)
+    args = dict(
+        condition_key="outline", resolution=32, batch_size=4, num_workers=0, shuffle_buffer=16
+    )
     args.update(kw)
     return ShardDataModule(train_shards=shards, **args)
 
@@ -60,8 +61,10 @@ def test_batch_contract(circles):
 
 def test_shard_specs_directory_list_and_pipe(circles):
     folder = os.path.dirname(circles)
-    first, second = os.path.join(folder, "circles-000000.tar"), os.path.join(
-        folder, "circles-000001.tar")
+    first, second = (
+        os.path.join(folder, "circles-000000.tar"),
+        os.path.join(folder, "circles-000001.tar"),
+    )
     for spec in (folder, [first, second], f"pipe:cat {first}::pipe:cat {second}"):
         dm = dm_for(spec, resampled=False, samples_per_epoch=16, shuffle_buffer=0)
         keys = keys_of(dm.train_dataloader())
@@ -72,19 +75,37 @@ def test_shard_specs_directory_list_and_pipe(circles):
 def test_same_crop_and_flip_for_image_and_condition(tmp_path):
     samples = [mirror_sample(f"m{i}", (40, 56), seed=i) for i in range(8)]
     shards = write_shards(tmp_path, [samples])
-    dm = ShardDataModule(train_shards=shards, condition_key="canny", resolution=32,
-                         batch_size=8, num_workers=0, crop="random", random_flip=True,
-                         samples_per_epoch=8, seed=1)
+    dm = ShardDataModule(
+        train_shards=shards,
+        condition_key="canny",
+        resolution=32,
+        batch_size=8,
+        num_workers=0,
+        crop="random",
+        random_flip=True,
+        samples_per_epoch=8,
+        seed=1,
+    )
     batch = next(iter(dm.train_dataloader()))
     assert torch.allclose((batch["image"] + 1) / 2, batch["condition"], atol=1e-5)
     # The crops really are random (not all centred) - compare with the centre crop.
-    centre = next(iter(ShardDataModule(train_shards=shards, condition_key="canny",
-                                       resolution=32, batch_size=8, num_workers=0,
-                                       samples_per_epoch=8, shuffle_buffer=0)
-                       .train_dataloader()))
+    centre = next(
+        iter(
+            ShardDataModule(
+                train_shards=shards,
+                condition_key="canny",
+                resolution=32,
+                batch_size=8,
+                num_workers=0,
+                samples_per_epoch=8,
+                shuffle_buffer=0,
+            ).train_dataloader()
+        )
+    )
     by_key = dict(zip(centre["key"], centre["condition"], strict=True))
-    assert any(not torch.equal(c, by_key[k]) for k, c in zip(batch["key"], batch["condition"],
-                                                             strict=True))
+    assert any(
+        not torch.equal(c, by_key[k]) for k, c in zip(batch["key"], batch["condition"], strict=True)
+    )
 
 
 def make_corrupt_set(tmp_path, circles) -> list[str]:
@@ -100,14 +121,22 @@ def make_corrupt_set(tmp_path, circles) -> list[str]:
     truncate_file(paths[2], 0.5)
     good = np.zeros((32, 32), np.uint8)
     bad = str(bad_dir / "broken-000000.tar")
-    write_raw_tar(bad, {
-        "a.png": b"not an image", "a.outline.png": encode_image(good), "a.txt": b"bad bytes",
-        "b.png": encode_image(np.zeros((32, 32, 3), np.uint8)), "b.txt": b"no condition",
-        "c.png": encode_image(np.zeros((32, 32, 3), np.uint8)),
-        "c.outline.png": encode_image(np.zeros((16, 32), np.uint8)), "c.txt": b"wrong size",
-        "d.png": encode_image(np.zeros((32, 32, 3), np.uint8)),
-        "d.outline.png": encode_image(good), "d.txt": b"fine",
-    })
+    write_raw_tar(
+        bad,
+        {
+            "a.png": b"not an image",
+            "a.outline.png": encode_image(good),
+            "a.txt": b"bad bytes",
+            "b.png": encode_image(np.zeros((32, 32, 3), np.uint8)),
+            "b.txt": b"no condition",
+            "c.png": encode_image(np.zeros((32, 32, 3), np.uint8)),
+            "c.outline.png": encode_image(np.zeros((16, 32), np.uint8)),
+            "c.txt": b"wrong size",
+            "d.png": encode_image(np.zeros((32, 32, 3), np.uint8)),
+            "d.outline.png": encode_image(good),
+            "d.txt": b"fine",
+        },
+    )
     return [*paths, bad]
 
 
@@ -136,15 +165,21 @@ class TinyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen_keys.extend(batch["key"])
-        return ((batch["condition"].mean() - batch["image"].mean() * self.w) ** 2)
+        return (batch["condition"].mean() - batch["image"].mean() * self.w) ** 2
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path))
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     args.update(kw)
     return L.Trainer(**args)
 
@@ -153,8 +188,9 @@ def test_training_continues_over_corrupt_data_and_logs_the_count(tmp_path, circl
     shards = make_corrupt_set(tmp_path, circles)
     dm = dm_for(shards, batch_size=2, num_workers=2, shuffle_buffer=4)  # resampled, endless
     model = TinyModule()
-    t = trainer(tmp_path, max_steps=30, callbacks=[SkippedSamplesLogger()],
-                enable_checkpointing=False)
+    t = trainer(
+        tmp_path, max_steps=30, callbacks=[SkippedSamplesLogger()], enable_checkpointing=False
+    )
     t.fit(model, datamodule=dm)
     assert t.global_step == 30
     total = dm.skipped_counts()["train"]
@@ -165,8 +201,13 @@ def test_training_continues_over_corrupt_data_and_logs_the_count(tmp_path, circl
 def test_finite_mode_gives_ranks_disjoint_shards_and_equal_batches(tmp_path):
     # Uneven shards: 5, 9, 3, 7 samples.
     sizes = [5, 9, 3, 7]
-    shards = write_shards(tmp_path, [[mirror_sample(f"s{j}_{i}", (32, 32), i, "outline")
-                                      for i in range(n)] for j, n in enumerate(sizes)])
+    shards = write_shards(
+        tmp_path,
+        [
+            [mirror_sample(f"s{j}_{i}", (32, 32), i, "outline") for i in range(n)]
+            for j, n in enumerate(sizes)
+        ],
+    )
     dm = dm_for(shards, resampled=False, samples_per_epoch=24, batch_size=2, num_workers=1)
     per_rank = []
     for rank in range(2):
@@ -185,8 +226,9 @@ def test_finite_mode_refuses_too_few_shards(circles):
         dm.build_train_dataset(rank=0, world_size=4)
     dm.build_train_dataset(rank=0, world_size=3)  # 6 shards for 3 x 2 readers is fine
     with pytest.raises(ValueError, match="samples_per_epoch"):
-        ShardDataModule(train_shards=[f"pipe:cat {circles}"], resampled=False,
-                        num_workers=0).build_train_dataset(0, 1)
+        ShardDataModule(
+            train_shards=[f"pipe:cat {circles}"], resampled=False, num_workers=0
+        ).build_train_dataset(0, 1)
 
 
 def test_same_seed_same_stream_other_seed_other_stream(circles):
@@ -194,7 +236,8 @@ def test_same_seed_same_stream_other_seed_other_stream(circles):
         dm = dm_for(circles, seed=seed, num_workers=2, crop="random", random_flip=True)
         batches = list(zip(range(6), dm.train_dataloader(), strict=False))
         return [k for _, b in batches for k in b["key"]], torch.cat(
-            [b["image"] for _, b in batches])
+            [b["image"] for _, b in batches]
+        )
 
     (keys_a, images_a), (keys_b, images_b) = stream(7), stream(7)
     assert keys_a == keys_b and torch.equal(images_a, images_b)
@@ -229,7 +272,9 @@ def test_resumed_stream_continues_exactly_where_it_stopped(tmp_path, circles, mo
         assert len(resumed) == len(full[done:])
         for (_, a), (_, b) in zip(full[done:], resumed, strict=True):
             assert a["key"] == b["key"]
-            assert torch.equal(a["image"], b["image"]) and torch.equal(a["condition"], b["condition"])
+            assert torch.equal(a["image"], b["image"]) and torch.equal(
+                a["condition"], b["condition"]
+            )
 
 
 def test_resumed_trainer_sees_exactly_the_uninterrupted_batches(tmp_path, circles):
@@ -287,8 +332,13 @@ def test_stream_position_is_checkpointed_and_a_changed_layout_is_reported(
         TinyModule(), datamodule=dm_for(circles, num_workers=1)
     )
     ckpt = torch.load(next((tmp_path / "ck").glob("*.ckpt")), weights_only=True)
-    assert ckpt["ShardDataModule"] == {"epoch": 0, "batches_done": 5, "num_workers": 1,
-                                       "world_size": 1, "seed": 0}
+    assert ckpt["ShardDataModule"] == {
+        "epoch": 0,
+        "batches_done": 5,
+        "num_workers": 1,
+        "world_size": 1,
+        "seed": 0,
+    }
     with caplog.at_level("WARNING"):
         dm_for(circles, num_workers=2).load_state_dict(ckpt["ShardDataModule"])
     assert "num_workers 1 -> 2 changed since the checkpoint" in caplog.text

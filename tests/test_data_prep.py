@@ -36,8 +36,22 @@ def write_image(path, image: np.ndarray) -> None:
 # ------------------------------------------------------------------------ synthetic circles
 def test_circles_shards_round_trip_and_manifest(tmp_path):
     out = tmp_path / "c"
-    synthetic_circles.main(["--out", str(out), "--num-samples", "20", "--size", "48",
-                            "--samples-per-shard", "6", "--workers", "2", "--seed", "3"])
+    synthetic_circles.main(
+        [
+            "--out",
+            str(out),
+            "--num-samples",
+            "20",
+            "--size",
+            "48",
+            "--samples-per-shard",
+            "6",
+            "--workers",
+            "2",
+            "--seed",
+            "3",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["complete"] and m["num_samples"] == 20 and m["num_shards"] == 4
     assert m["condition_types"] == ["outline"] and m["pattern"] == "circles-{000000..000003}.tar"
@@ -62,8 +76,18 @@ def test_circles_are_deterministic_and_vary(tmp_path):
 
 def test_resume_skips_finished_shards_and_redoes_broken_ones(tmp_path):
     out = tmp_path / "c"
-    args = ["--out", str(out), "--num-samples", "24", "--size", "32",
-            "--samples-per-shard", "6", "--workers", "0"]
+    args = [
+        "--out",
+        str(out),
+        "--num-samples",
+        "24",
+        "--size",
+        "32",
+        "--samples-per-shard",
+        "6",
+        "--workers",
+        "0",
+    ]
     synthetic_circles.main(args)
     first = (out / "circles-000001.tar").read_bytes()
     # A killed run: one shard without its stats file, one stale temp file, one shard missing.
@@ -84,12 +108,24 @@ def test_parts_split_the_work_and_the_last_part_completes_the_manifest(tmp_path,
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # array --array=1-2 → part 0
-    base = ["--out", out, "--num-samples", "20", "--size", "32", "--samples-per-shard", "5",
-            "--workers", "0"]
+    base = [
+        "--out",
+        out,
+        "--num-samples",
+        "20",
+        "--size",
+        "32",
+        "--samples-per-shard",
+        "5",
+        "--workers",
+        "0",
+    ]
     synthetic_circles.main(base)
     m = read_manifest(out)
     assert not m["complete"] and [s["name"] for s in m["shards"]] == [
-        "circles-000000.tar", "circles-000002.tar"]
+        "circles-000000.tar",
+        "circles-000002.tar",
+    ]
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     synthetic_circles.main(base)
     m = read_manifest(out)
@@ -106,21 +142,39 @@ def test_ensure_shards_builds_once_and_fast(tmp_path):
     assert ensure_shards(out, 2000, 64, seed=0, samples_per_shard=500) == pattern
     assert os.path.getmtime(os.path.join(out, "circles-000000.tar")) == mtime
     # A different request rebuilds instead of returning stale data.
-    assert ensure_shards(out, 100, 32, seed=1, samples_per_shard=50).endswith("{000000..000001}.tar")
+    assert ensure_shards(out, 100, 32, seed=1, samples_per_shard=50).endswith(
+        "{000000..000001}.tar"
+    )
     assert read_manifest(out)["num_samples"] == 100
 
 
 # ------------------------------------------------------------------------ fill50k
 def test_fill50k_layout_to_shards(tmp_path):
     src, out = tmp_path / "fill50k", tmp_path / "shards"
-    synthetic_circles.main(["--out", str(src), "--layout", "fill50k", "--num-samples", "12",
-                            "--size", "40"])
+    synthetic_circles.main(
+        ["--out", str(src), "--layout", "fill50k", "--num-samples", "12", "--size", "40"]
+    )
     lines = (src / "prompt.json").read_text().splitlines()
-    assert json.loads(lines[0]) == {"source": "source/0.png", "target": "target/0.png",
-                                    "prompt": circle_sample(0, 40, 0)[2]}
+    assert json.loads(lines[0]) == {
+        "source": "source/0.png",
+        "target": "target/0.png",
+        "prompt": circle_sample(0, 40, 0)[2],
+    }
     (src / "target" / "4.png").write_bytes(b"not a png")  # unreadable input
-    fill50k.main(["--src", str(src), "--out", str(out), "--resolution", "32",
-                  "--samples-per-shard", "5", "--workers", "0"])
+    fill50k.main(
+        [
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--samples-per-shard",
+            "5",
+            "--workers",
+            "0",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["num_samples"] == 11 and m["num_rejected"] == 1
     assert m["rejected"][0]["input"] == "target/4.png"
@@ -150,8 +204,22 @@ def test_from_images_folder_with_captions_and_a_bad_file(tmp_path):
         if i != 3:
             (src / ("sub" if i % 2 else "") / f"img{i}.txt").write_text(f"caption {i}\n")
     (src / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    from_images.main(["--src", str(src), "--out", str(out), "--resolution", "32",
-                      "--condition", "canny", "--samples-per-shard", "3", "--workers", "2"])
+    from_images.main(
+        [
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--condition",
+            "canny",
+            "--samples-per-shard",
+            "3",
+            "--workers",
+            "2",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["num_samples"] == 7 and m["condition_types"] == ["canny"]
     assert [r["input"] for r in m["rejected"]] == ["broken.jpg"]
@@ -173,12 +241,28 @@ def test_from_images_metadata_jsonl_and_existing_conditions(tmp_path):
         image = np.full((40, 40, 3), 30 * i, np.uint8)
         write_image(src / f"images/{i}.png", image)
         write_image(src / f"cond/{i}.png", 255 - image)
-        rows.append({"file_name": f"images/{i}.png", "text": f"t{i}",
-                     "conditioning_image": f"cond/{i}.png"})
+        rows.append(
+            {"file_name": f"images/{i}.png", "text": f"t{i}", "conditioning_image": f"cond/{i}.png"}
+        )
     (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
-    from_images.main(["--src", str(src), "--out", str(out), "--resolution", "32",
-                      "--condition", "outline", "--condition-column", "conditioning_image",
-                      "--image-format", "png", "--workers", "0"])
+    from_images.main(
+        [
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--condition",
+            "outline",
+            "--condition-column",
+            "conditioning_image",
+            "--image-format",
+            "png",
+            "--workers",
+            "0",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["num_samples"] == 4 and m["rejected_by_reason"] == {"unreadable_input": 1}
     s = read_all(str(out))[2]
@@ -193,13 +277,19 @@ def test_from_images_reads_img2dataset_shards(tmp_path):
         image = np.zeros((36, 52, 3), np.uint8)
         image[8:28, 10 + 2 * i : 30 + 2 * i] = 200
         ok, jpg = cv2.imencode(".jpg", image)
-        samples.append({"__key__": f"{i:09d}", "jpg": jpg.tobytes(), "txt": f"web {i}",
-                        "json": json.dumps({"url": f"http://x/{i}.jpg", "width": 52})})
+        samples.append(
+            {
+                "__key__": f"{i:09d}",
+                "jpg": jpg.tobytes(),
+                "txt": f"web {i}",
+                "json": json.dumps({"url": f"http://x/{i}.jpg", "width": 52}),
+            }
+        )
     write_shards(src, [samples[:4], samples[4:]], prefix="00000")
-    write_raw_tar(str(src / "00000-000002.tar"), {"000000099.jpg": b"garbage",
-                                                  "000000099.txt": b"bad"})
-    from_images.main(["--src", str(src), "--out", str(out), "--resolution", "32",
-                      "--workers", "0"])
+    write_raw_tar(
+        str(src / "00000-000002.tar"), {"000000099.jpg": b"garbage", "000000099.txt": b"bad"}
+    )
+    from_images.main(["--src", str(src), "--out", str(out), "--resolution", "32", "--workers", "0"])
     m = read_manifest(str(out))
     assert m["num_samples"] == 6 and m["rejected_by_reason"] == {"unreadable_image": 1}
     got = read_all(str(out))
@@ -212,8 +302,9 @@ def test_from_images_unknown_extractor_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     write_image(tmp_path / "a" / "x.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(SystemExit):
-        from_images.main(["--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
-                          "--condition", "hed"])
+        from_images.main(
+            ["--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--condition", "hed"]
+        )
     assert "unknown condition extractor 'hed'" in capsys.readouterr().err
 
 
@@ -222,8 +313,9 @@ def make_ade(root) -> None:
     for split, n in (("training", 3), ("validation", 1)):
         for i in range(n):
             stem = f"ADE_{split[:5]}_{i:08d}"
-            write_image(root / f"images/{split}/{stem}.jpg",
-                        np.full((40, 60, 3), 50 + 40 * i, np.uint8))
+            write_image(
+                root / f"images/{split}/{stem}.jpg", np.full((40, 60, 3), 50 + 40 * i, np.uint8)
+            )
             ann = np.zeros((40, 60), np.uint8)  # 0 = no class
             ann[:, 20:] = 1 + 2  # sky
             ann[20:, 20:] = 1 + 3  # floor
@@ -235,10 +327,27 @@ def test_ade20k_palette_maps_and_prompts(tmp_path):
     src, out = tmp_path / "ADEChallengeData2016", tmp_path / "shards"
     make_ade(src)
     captions = tmp_path / "captions.jsonl"
-    captions.write_text(json.dumps({"file_name": "ADE_train_00000001.jpg",
-                                    "text": "a bright room"}) + "\n")
-    ade20k.main(["--src", str(src), "--out", str(out), "--resolution", "40", "--resize", "none",
-                 "--split", "all", "--captions", str(captions), "--workers", "0"])
+    captions.write_text(
+        json.dumps({"file_name": "ADE_train_00000001.jpg", "text": "a bright room"}) + "\n"
+    )
+    ade20k.main(
+        [
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "40",
+            "--resize",
+            "none",
+            "--split",
+            "all",
+            "--captions",
+            str(captions),
+            "--workers",
+            "0",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["num_samples"] == 4 and m["condition_types"] == ["seg"]
     samples = {s["__key__"]: s for s in read_all(str(out))}
@@ -269,8 +378,10 @@ def test_inspect_passes_good_shards_and_flags_bad_ones(tmp_path, capsys):
         inspect_tool.main([pattern, "--condition", "outline", "--sheet", str(sheet)])
     assert exc.value.code == 0 and sheet.exists()
     assert "samples: 10  good: 10  problems: 0" in capsys.readouterr().out
-    write_raw_tar(str(tmp_path / "c" / "circles-000002.tar"),
-                  {"k.png": b"nope", "k.txt": b"x", "k.outline.png": b"nope"})
+    write_raw_tar(
+        str(tmp_path / "c" / "circles-000002.tar"),
+        {"k.png": b"nope", "k.txt": b"x", "k.outline.png": b"nope"},
+    )
     with pytest.raises(SystemExit) as exc:
         inspect_tool.main([str(tmp_path / "c" / "circles-{000000..000002}.tar")])
     assert exc.value.code == 1 and "undecodable image" in capsys.readouterr().out
@@ -283,8 +394,22 @@ def test_cache_latents_adds_the_posterior_mean(tmp_path):
     pattern = make_circle_shards(tmp_path / "c", num_samples=6, size=40, samples_per_shard=4)
     model = save_tiny_vae(tmp_path / "model")
     out = tmp_path / "lat"
-    cache_latents.main(["--shards", pattern, "--model", model, "--out", str(out),
-                        "--resolution", "32", "--batch-size", "4", "--device", "cpu"])
+    cache_latents.main(
+        [
+            "--shards",
+            pattern,
+            "--model",
+            model,
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     m = read_manifest(str(out))
     assert m["complete"] and m["num_samples"] == 6 and m["latent"]["scaled"] is False
     samples = read_all(str(out))
@@ -301,8 +426,18 @@ def test_cache_latents_adds_the_posterior_mean(tmp_path):
 def test_cache_latents_decode_threads_change_nothing_and_reruns_skip_finished(tmp_path, capsys):
     pattern = make_circle_shards(tmp_path / "c", num_samples=6, size=40, samples_per_shard=4)
     model = save_tiny_vae(tmp_path / "model")
-    common = ["--shards", pattern, "--model", model, "--resolution", "32", "--batch-size", "3",
-              "--device", "cpu"]
+    common = [
+        "--shards",
+        pattern,
+        "--model",
+        model,
+        "--resolution",
+        "32",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]
     cache_latents.main([*common, "--out", str(tmp_path / "a"), "--decode-threads", "0"])
     cache_latents.main([*common, "--out", str(tmp_path / "b")])  # 2 decode threads
     names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))

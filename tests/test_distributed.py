@@ -19,13 +19,19 @@ from cn_lightning.errors import CheckpointFormatError
 from cn_lightning.models.checkpoints import load_trainable_state_dict
 from cn_lightning.train import find_resume_checkpoint
 
-BRANCH_DTYPE = {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16",
-                "bf16-true": "torch.bfloat16", "16-mixed": "torch.float16"}
+BRANCH_DTYPE = {
+    "32-true": "torch.float32",
+    "bf16-mixed": "torch.bfloat16",
+    "bf16-true": "torch.bfloat16",
+    "16-mixed": "torch.float16",
+}
 
 
 def recorders(run_dir: Path) -> list[str]:
-    return ["+callbacks.dtypes._target_=distributed_helpers.DtypeRecorder",
-            f"+callbacks.dtypes.out_dir={run_dir / 'dtypes'}"]
+    return [
+        "+callbacks.dtypes._target_=distributed_helpers.DtypeRecorder",
+        f"+callbacks.dtypes.out_dir={run_dir / 'dtypes'}",
+    ]
 
 
 def assert_dtypes(run_dir: Path, branch: str, ranks: int = 2, frozen: str = "torch.float32"):
@@ -33,9 +39,13 @@ def assert_dtypes(run_dir: Path, branch: str, ranks: int = 2, frozen: str = "tor
     and the frozen VAE and text encoder in ``frozen``."""
     for rank in range(ranks):
         d = json.loads((run_dir / "dtypes" / f"dtypes_rank{rank}.json").read_text())
-        assert d == {"branch": branch, "master": ["torch.float32"], "vae": frozen,
-                     "text_encoder": frozen, "loss": "torch.float32"}, d
-
+        assert d == {
+            "branch": branch,
+            "master": ["torch.float32"],
+            "vae": frozen,
+            "text_encoder": frozen,
+            "loss": "torch.float32",
+        }, d
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +63,9 @@ def assert_export_matches(run_dir: Path, checkpoint: Path) -> None:
     weights = exported.state_dict()
     state = load_trainable_state_dict(checkpoint)
     assert state and all(k.startswith("controlnet.") for k in state), sorted(state)[:5]
-    assert set(weights) == {k[len("controlnet."):] for k in state}
+    assert set(weights) == {k[len("controlnet.") :] for k in state}
     for key, value in state.items():
-        torch.testing.assert_close(weights[key[len("controlnet."):]], value, rtol=0, atol=0)
+        torch.testing.assert_close(weights[key[len("controlnet.") :]], value, rtol=0, atol=0)
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
@@ -63,12 +73,18 @@ def test_ddp_two_processes_train_checkpoint_export_on_different_data(
     tiny_sd_path, circle_shards, tmp_path
 ):
     run_dir = tmp_path / "run"
-    args = tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=4) + recorders(run_dir) + [
-        "strategy=ddp", "trainer.devices=2", "trainer.precision=bf16-mixed",
-        "model.frozen_dtype=bf16",
-        "+callbacks.keys._target_=distributed_helpers.BatchKeyRecorder",
-        f"+callbacks.keys.out_dir={run_dir / 'keys'}",
-    ]
+    args = (
+        tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=4)
+        + recorders(run_dir)
+        + [
+            "strategy=ddp",
+            "trainer.devices=2",
+            "trainer.precision=bf16-mixed",
+            "model.frozen_dtype=bf16",
+            "+callbacks.keys._target_=distributed_helpers.BatchKeyRecorder",
+            f"+callbacks.keys.out_dir={run_dir / 'keys'}",
+        ]
+    )
     result = run_train(args, subprocess_env(tmp_path), tmp_path)
     assert "global batch = 2 per device x 2 devices x 1 accumulation = 4" in result.stdout
     assert "strategy DDPStrategy" in result.stdout
@@ -85,14 +101,20 @@ def test_ddp_two_processes_train_checkpoint_export_on_different_data(
     assert_dtypes(run_dir, "torch.float32", frozen="torch.bfloat16")
 
 
-def _deepspeed_args(tiny_sd_path: str, shards: str, run_dir: Path, stage: int, steps: int,
-                    precision: str) -> list[str]:
-    return tiny_run_overrides(tiny_sd_path, shards, run_dir, steps=steps) + recorders(run_dir) + [
-        f"strategy=deepspeed_stage_{stage}", f"trainer.precision={precision}",
-        "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
-        "trainer.devices=2",
-        "logical_batch_size=8",  # 2 per device x 2 ranks x 2 accumulation
-    ]
+def _deepspeed_args(
+    tiny_sd_path: str, shards: str, run_dir: Path, stage: int, steps: int, precision: str
+) -> list[str]:
+    return (
+        tiny_run_overrides(tiny_sd_path, shards, run_dir, steps=steps)
+        + recorders(run_dir)
+        + [
+            f"strategy=deepspeed_stage_{stage}",
+            f"trainer.precision={precision}",
+            "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
+            "trainer.devices=2",
+            "logical_batch_size=8",  # 2 per device x 2 ranks x 2 accumulation
+        ]
+    )
 
 
 SLOW = pytest.mark.slow
@@ -102,10 +124,16 @@ SLOW = pytest.mark.slow
 # on CPU in the slow one.
 @pytest.mark.parametrize(
     "stage,precision",
-    [(2, "bf16-mixed"), (3, "bf16-mixed"),
-     pytest.param(2, "32-true", marks=SLOW), pytest.param(3, "32-true", marks=SLOW),
-     pytest.param(2, "16-mixed", marks=SLOW), pytest.param(3, "16-mixed", marks=SLOW),
-     pytest.param(2, "bf16-true", marks=SLOW), pytest.param(3, "bf16-true", marks=SLOW)],
+    [
+        (2, "bf16-mixed"),
+        (3, "bf16-mixed"),
+        pytest.param(2, "32-true", marks=SLOW),
+        pytest.param(3, "32-true", marks=SLOW),
+        pytest.param(2, "16-mixed", marks=SLOW),
+        pytest.param(3, "16-mixed", marks=SLOW),
+        pytest.param(2, "bf16-true", marks=SLOW),
+        pytest.param(3, "bf16-true", marks=SLOW),
+    ],
 )
 def test_deepspeed_two_processes_train_checkpoint_resume_export(
     stage, precision, tiny_sd_path, circle_shards, tmp_path
@@ -123,7 +151,8 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(
     for path in checkpoint.glob("*/*model_states.pt"):
         model_states = torch.load(path, map_location="cpu", weights_only=False)
         saved_names = set(model_states["module"]) | {
-            n for shapes in model_states.get("param_shapes", []) for n in shapes}
+            n for shapes in model_states.get("param_shapes", []) for n in shapes
+        }
         assert saved_names and all(n.startswith("controlnet.") for n in saved_names)
         assert not model_states.get("frozen_param_shapes")
     assert_export_matches(run_dir, checkpoint)
@@ -139,8 +168,11 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(
 
 
 def test_load_trainable_state_dict_from_lightning_file_and_errors(tmp_path):
-    state = {"controlnet.conv_in.weight": torch.ones(2, 2, dtype=torch.bfloat16),
-             "unet.down_blocks.0.x": torch.zeros(1), "unet.up_blocks.0.y": torch.zeros(1)}
+    state = {
+        "controlnet.conv_in.weight": torch.ones(2, 2, dtype=torch.bfloat16),
+        "unet.down_blocks.0.x": torch.zeros(1),
+        "unet.up_blocks.0.y": torch.zeros(1),
+    }
     torch.save({"state_dict": state, "global_step": 3}, tmp_path / "a.ckpt")
     loaded = load_trainable_state_dict(tmp_path / "a.ckpt")
     assert set(loaded) == {"controlnet.conv_in.weight", "unet.up_blocks.0.y"}

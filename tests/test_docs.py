@@ -37,11 +37,11 @@ CLASSES = {"runnable", "slow", "long", "gpu-only", "needs-data", "needs-network"
 # Placeholder in a slow block -> what replaces it (built by `workspace` below; "{ws}" is the
 # test's working directory). Runnable blocks get no substitution: they run exactly as written.
 SUBSTITUTIONS = {
-    "/tmp/tiny_sd": "{ws}/tiny_sd",                      # written by the block itself
-    "/data/photos": "{ws}/fixtures/photos",              # 12 small random JPEGs
+    "/tmp/tiny_sd": "{ws}/tiny_sd",  # written by the block itself
+    "/data/photos": "{ws}/fixtures/photos",  # 12 small random JPEGs
     "/data/shards/canny": "{ws}/fixtures/canny_shards",  # from_images --condition canny of them
     "~/.cache/cn_lightning/circles_32px_val_64": "{ws}/fixtures/circles_val",  # 16 circles
-    "<run dir>": "{ws}/fixtures/toy_run",                # 2 steps on the toy backbone (outline)
+    "<run dir>": "{ws}/fixtures/toy_run",  # 2 steps on the toy backbone (outline)
 }
 # Text that must not remain in a slow block after substitution (an unknown placeholder).
 UNSUBSTITUTED = re.compile(r"/data/|/models/|<[a-z_ ]+>|~/|/tmp/")
@@ -49,16 +49,22 @@ UNSUBSTITUTED = re.compile(r"/data/|/models/|<[a-z_ ]+>|~/|/tmp/")
 # Files a block promises, as globs relative to the working directory (substitutions apply).
 # Keyed by a piece of the block's text that identifies it.
 PROMISES = {
-    "+experiment=canny trainer=cpu": ["/tmp/tiny_sd/model_index.json",
-                                      "outputs/canny/*/controlnet/config.json",
-                                      "outputs/canny/*/checkpoints/last.ckpt"],
+    "+experiment=canny trainer=cpu": [
+        "/tmp/tiny_sd/model_index.json",
+        "outputs/canny/*/controlnet/config.json",
+        "outputs/canny/*/checkpoints/last.ckpt",
+    ],
     "cn_lightning.evaluate --val-shards ~/.cache": ["eval/quickstart/report.json"],
-    "data_prep.from_images --src /data/photos": ["/data/shards/canny/manifest.json",
-                                                 "/data/shards/canny/data-000000.tar"],
+    "data_prep.from_images --src /data/photos": [
+        "/data/shards/canny/manifest.json",
+        "/data/shards/canny/data-000000.tar",
+    ],
 }
 # Lines a block's output must contain (substitutions apply).
 PRINTS = {
-    "+experiment=canny trainer=cpu": ["global batch = 2 per device x 1 devices x 2 accumulation = 4"],
+    "+experiment=canny trainer=cpu": [
+        "global batch = 2 per device x 1 devices x 2 accumulation = 4"
+    ],
 }
 
 
@@ -85,7 +91,9 @@ def parse(path: Path) -> list[Block]:
         elif fence is not None and line == "```":
             lang = fence[0] if fence else ""
             cls = fence[1] if len(fence) > 1 else ""
-            blocks.append(Block(str(path.relative_to(REPO)), start, lang, cls, "\n".join(body) + "\n"))
+            blocks.append(
+                Block(str(path.relative_to(REPO)), start, lang, cls, "\n".join(body) + "\n")
+            )
             fence = None
         elif fence is not None:
             body.append(raw[indent:] if raw[:indent].strip() == "" else raw)
@@ -113,8 +121,11 @@ def test_shell_block_parses(block):
     assert result.returncode == 0, f"{block.id}: {result.stderr}"
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "python"],
-                         ids=_ids([b for b in BLOCKS if b.lang == "python"]))
+@pytest.mark.parametrize(
+    "block",
+    [b for b in BLOCKS if b.lang == "python"],
+    ids=_ids([b for b in BLOCKS if b.lang == "python"]),
+)
 def test_python_block_compiles(block):
     compile(block.text, block.id, "exec")
 
@@ -131,17 +142,29 @@ def test_slow_blocks_use_only_known_placeholders():
 
 def _env(ws: Path, **extra: str) -> dict[str, str]:
     """The user's environment, minus cluster/launcher variables, offline; venv python first."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "WANDB_"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
-               WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               CN_LIGHTNING_CACHE=str(ws / "cache"), HOME=str(ws / "home"),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "WANDB_"))
+    }
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        CN_LIGHTNING_CACHE=str(ws / "cache"),
+        HOME=str(ws / "home"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
     env.update(extra)
     return env
 
 
-def _run(block: Block, ws: Path, text: str | None = None, **env: str) -> subprocess.CompletedProcess:
+def _run(
+    block: Block, ws: Path, text: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
     text = block.text if text is None else text
     if block.lang == "python":
         cmd = [sys.executable, "-c", text]
@@ -152,10 +175,13 @@ def _run(block: Block, ws: Path, text: str | None = None, **env: str) -> subproc
             if not (ws / name).exists():
                 (ws / name).symlink_to(REPO / name)
         cmd = ["bash", "-e", "-o", "pipefail", "-c", text]
-    result = subprocess.run(cmd, cwd=ws, env=_env(ws, **env), capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, (f"{block.id} failed ({result.returncode}):\n{text}\n"
-                                    f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    result = subprocess.run(
+        cmd, cwd=ws, env=_env(ws, **env), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (
+        f"{block.id} failed ({result.returncode}):\n{text}\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result
 
 
@@ -189,7 +215,9 @@ def _find(doc: str, piece: str) -> Block:
 
 def test_prep_dry_run_prints_the_documented_command(tmp_path):
     block = _find("docs/scaling.md", "CN_DRY_RUN=1 SRC=")
-    expected = [ln.strip()[2:] for ln in block.text.splitlines() if ln.strip().startswith("# srun ")]
+    expected = [
+        ln.strip()[2:] for ln in block.text.splitlines() if ln.strip().startswith("# srun ")
+    ]
     assert expected
     (tmp_path / "home").mkdir()
     out = _run(block, tmp_path).stdout.splitlines()
@@ -208,6 +236,7 @@ def test_train_dry_run_inside_a_job_prints_the_documented_line(tmp_path):
 
 # ---- slow: the expensive blocks, on tiny fixtures ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A working directory holding every fixture SUBSTITUTIONS points to."""
@@ -224,14 +253,33 @@ def workspace(tmp_path_factory) -> Path:
     (fx / "photos").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(fx / "photos" / f"{i}.jpg")
-    subprocess.run([sys.executable, "-m", "data_prep.from_images", "--src", str(fx / "photos"),
-                    "--out", str(fx / "canny_shards"), "--condition", "canny"],
-                   check=True, cwd=ws, env=_env(ws), capture_output=True)
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(
+            fx / "photos" / f"{i}.jpg"
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.from_images",
+            "--src",
+            str(fx / "photos"),
+            "--out",
+            str(fx / "canny_shards"),
+            "--condition",
+            "canny",
+        ],
+        check=True,
+        cwd=ws,
+        env=_env(ws),
+        capture_output=True,
+    )
     make_circle_shards(fx / "circles_val", num_samples=16, size=32)
     make_circle_shards(fx / "circles_train", num_samples=16, size=32)
-    run_train(tiny_run_overrides(asset("toy_sd"), str(fx / "circles_train"), fx / "toy_run", steps=2),
-              subprocess_env(ws), cwd=ws)
+    run_train(
+        tiny_run_overrides(asset("toy_sd"), str(fx / "circles_train"), fx / "toy_run", steps=2),
+        subprocess_env(ws),
+        cwd=ws,
+    )
     assert (fx / "toy_run" / "controlnet" / "config.json").exists()
     return ws
 

@@ -32,7 +32,9 @@ def _shard_conditions(shards: str) -> dict[str, np.ndarray]:
         for member in tar.getmembers():
             if member.name.endswith(".outline.png"):
                 data = tar.extractfile(member).read()
-                out[member.name.split(".")[0]] = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+                out[member.name.split(".")[0]] = np.asarray(
+                    Image.open(io.BytesIO(data)).convert("L")
+                )
     return out
 
 
@@ -52,7 +54,9 @@ def assets(tiny_sd_path, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("evaluate")
     shards = ensure_shards(str(root / "shards"), num_samples=6, size=SIZE, seed=0)
-    controlnet = ControlNetModel.from_unet(load_backbone(tiny_sd_path).unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(
+        load_backbone(tiny_sd_path).unet, conditioning_embedding_out_channels=(16, 32)
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in controlnet.parameters():
@@ -60,43 +64,95 @@ def assets(tiny_sd_path, tmp_path_factory) -> dict:
     save_controlnet_folder(controlnet, root / "controlnet")
     # Randomly initialised Inception (torchvision's layout = torch-fidelity's, with its 1008-way fc):
     # this tests the local-weights path, not FID values.
-    inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict()
-    inception["fc.weight"], inception["fc.bias"] = torch.randn(1008, 2048, generator=g) * 0.01, torch.zeros(1008)
+    inception = torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False
+    ).state_dict()
+    inception["fc.weight"], inception["fc.bias"] = (
+        torch.randn(1008, 2048, generator=g) * 0.01,
+        torch.zeros(1008),
+    )
     torch.save(inception, root / "inception.pth")
     # A tiny open_clip model in open_clip's local-dir layout (config + weights).
     clip_cfg = {
         "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 16,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
     }
     (root / "clip").mkdir()
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip_cfg, "preprocess_cfg": {}}))
+    (root / "clip" / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": clip_cfg, "preprocess_cfg": {}})
+    )
     torch.manual_seed(0)
     clip = open_clip.CLIP(**clip_cfg)
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(root / "clip" / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()},
+        str(root / "clip" / "open_clip_model.safetensors"),
+    )
     return {
-        "root": root, "shards": shards, "base": tiny_sd_path, "controlnet": str(root / "controlnet"),
-        "inception": str(root / "inception.pth"), "clip": f"local-dir:{root / 'clip'}",
+        "root": root,
+        "shards": shards,
+        "base": tiny_sd_path,
+        "controlnet": str(root / "controlnet"),
+        "inception": str(root / "inception.pth"),
+        "clip": f"local-dir:{root / 'clip'}",
     }
 
 
 def _common(assets: dict, out: Path) -> list[str]:
     return [
-        "--val-shards", assets["shards"], "--condition-key", "outline", "--resolution", str(SIZE),
-        "--out", str(out), "--accelerator", "cpu",
+        "--val-shards",
+        assets["shards"],
+        "--condition-key",
+        "outline",
+        "--resolution",
+        str(SIZE),
+        "--out",
+        str(out),
+        "--accelerator",
+        "cpu",
     ]
 
 
 def test_report_with_fid_and_clip_matches_the_saved_images(assets, tmp_path):
     out = tmp_path / "eval"
     argv = [
-        *_common(assets, out), "--base", assets["base"], "--controlnet", assets["controlnet"], "--steps", "2",
-        "--num-samples", "5", "--batch-size", "4", "--save-images", "--fid-weights", assets["inception"],
-        "--fid-feature", "64", "--clip-model", assets["clip"], "--wandb",
+        *_common(assets, out),
+        "--base",
+        assets["base"],
+        "--controlnet",
+        assets["controlnet"],
+        "--steps",
+        "2",
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "4",
+        "--save-images",
+        "--fid-weights",
+        assets["inception"],
+        "--fid-feature",
+        "64",
+        "--clip-model",
+        assets["clip"],
+        "--wandb",
     ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["num_samples"] == 5 and len(report["samples"]) == 5  # 5 of 6: the second batch is cut
+    assert (
+        report["num_samples"] == 5 and len(report["samples"]) == 5
+    )  # 5 of 6: the second batch is cut
     metrics = report["metrics"]
     assert set(metrics) == {"circle_iou", "fidelity", "fid", "clip_score"}
     assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0
@@ -106,11 +162,15 @@ def test_report_with_fid_and_clip_matches_the_saved_images(assets, tmp_path):
     conditions = _shard_conditions(assets["shards"])
     keys = [s["key"] for s in report["samples"]]
     generated = [np.asarray(Image.open(out / "images" / f"{k}.png").convert("RGB")) for k in keys]
-    expected = condition_fidelity(_as_tensor(generated), _as_tensor([conditions[k] for k in keys]), "outline")
+    expected = condition_fidelity(
+        _as_tensor(generated), _as_tensor([conditions[k] for k in keys]), "outline"
+    )
     reported = torch.tensor([s["fidelity"] for s in report["samples"]])
     torch.testing.assert_close(reported, expected["fidelity"], rtol=0, atol=1e-6)
     assert metrics["fidelity"] == pytest.approx(float(expected["fidelity"].mean()), abs=1e-6)
-    assert metrics["clip_score"] == pytest.approx(np.mean([s["clip_score"] for s in report["samples"]]), abs=1e-4)
+    assert metrics["clip_score"] == pytest.approx(
+        np.mean([s["clip_score"] for s in report["samples"]]), abs=1e-4
+    )
 
     table = (out / "report.md").read_text()
     assert "| metric | value |" in table and f"| fidelity | {metrics['fidelity']:.4f} |" in table
@@ -136,7 +196,9 @@ def test_fidelity_of_known_images_is_hand_computed(assets, tmp_path):
             score = mask.sum() / disc.sum()
         else:  # the disc itself
             mask, score = disc, 1.0
-        Image.fromarray(np.where(mask[:, :, None], 255, 0).repeat(3, 2).astype(np.uint8)).save(folder / f"{key}.png")
+        Image.fromarray(np.where(mask[:, :, None], 255, 0).repeat(3, 2).astype(np.uint8)).save(
+            folder / f"{key}.png"
+        )
         expected.append(score)
     out = tmp_path / "eval"
     assert main([*_common(assets, out), "--images", str(folder), "--num-samples", "4"]) == 0
@@ -149,12 +211,21 @@ def test_fidelity_of_known_images_is_hand_computed(assets, tmp_path):
 
 def test_shards_split_over_ranks_give_the_same_samples(assets):
     cfg = EvalConfig(
-        val_shards=assets["shards"], condition_key="outline", out="unused", resolution=SIZE,
-        base=assets["base"], controlnet=assets["controlnet"], steps=1, batch_size=3,
+        val_shards=assets["shards"],
+        condition_key="outline",
+        out="unused",
+        resolution=SIZE,
+        base=assets["base"],
+        controlnet=assets["controlnet"],
+        steps=1,
+        batch_size=3,
     )
     source = PipelineSource(cfg, torch.device("cpu"), torch.float32)
     whole = evaluate_split(cfg, source, build_metrics(cfg), progress=False)
-    parts = [evaluate_split(cfg, source, build_metrics(cfg), rank=r, world_size=2, progress=False) for r in (0, 1)]
+    parts = [
+        evaluate_split(cfg, source, build_metrics(cfg), rank=r, world_size=2, progress=False)
+        for r in (0, 1)
+    ]
     keys = [{s["key"] for s in part} for part in parts]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert keys[0] | keys[1] == {s["key"] for s in whole} and len(whole) == 6
@@ -163,13 +234,18 @@ def test_shards_split_over_ranks_give_the_same_samples(assets):
     assert all(s["fidelity"] == by_key[s["key"]] for part in parts for s in part)
 
 
-
 def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     gen = ["--base", assets["base"], "--controlnet", assets["controlnet"], "--steps", "1"]
     common = _common(assets, tmp_path / "o")
-    line = cli_error(capsys, main, [*common, *gen, "--fid-weights", str(tmp_path / "pt_inception.pth")])
+    line = cli_error(
+        capsys, main, [*common, *gen, "--fid-weights", str(tmp_path / "pt_inception.pth")]
+    )
     assert "pt_inception.pth" in line and "not found" in line and "torch-fidelity" in line
-    line = cli_error(capsys, main, [*common, *gen, "--clip-model", "ViT-B-32", "--clip-weights", str(tmp_path / "clip.bin")])
+    line = cli_error(
+        capsys,
+        main,
+        [*common, *gen, "--clip-model", "ViT-B-32", "--clip-weights", str(tmp_path / "clip.bin")],
+    )
     assert "clip.bin" in line and "not found" in line
     line = cli_error(capsys, main, [*common, *gen, "--clip-model", "ViT-B-32"])
     assert "needs --clip-weights" in line
@@ -181,7 +257,9 @@ def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     no_shards = ["--val-shards", str(tmp_path / "none-{000000..000001}.tar"), *common[2:]]
     assert "matches no shards" in cli_error(capsys, main, [*no_shards, *gen])
     bad_key = [*common[:3], "canny", *common[4:]]
-    assert "no validation samples with a 'canny' condition" in cli_error(capsys, main, [*bad_key, *gen])
+    assert "no validation samples with a 'canny' condition" in cli_error(
+        capsys, main, [*bad_key, *gen]
+    )
     assert not (tmp_path / "o" / "report.json").exists()
 
 
@@ -190,8 +268,18 @@ def test_help_documents_the_options(capsys):
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--val-shards", "--condition-key", "--fid-weights", "--clip-model", "--clip-weights", "--devices",
-                   "--wandb", "--images", "--num-samples", "--out"):
+    for option in (
+        "--val-shards",
+        "--condition-key",
+        "--fid-weights",
+        "--clip-model",
+        "--clip-weights",
+        "--devices",
+        "--wandb",
+        "--images",
+        "--num-samples",
+        "--out",
+    ):
         assert option in text
 
 
@@ -204,8 +292,20 @@ def test_two_processes_split_the_shards(assets, tmp_path):
     reports = {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
-        cmd = [sys.executable, "-m", "cn_lightning.evaluate", *_common(assets, out), "--base", assets["base"],
-               "--controlnet", assets["controlnet"], "--steps", "1", "--devices", str(devices)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cn_lightning.evaluate",
+            *_common(assets, out),
+            "--base",
+            assets["base"],
+            "--controlnet",
+            assets["controlnet"],
+            "--steps",
+            "1",
+            "--devices",
+            str(devices),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         reports[devices] = json.loads((out / "report.json").read_text())

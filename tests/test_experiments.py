@@ -19,8 +19,14 @@ from cn_lightning.errors import ConfigError
 from cn_lightning.train import resolve_accumulation
 
 EXPERIMENTS = {
-    "canny": "canny", "depth": "depth", "normal": "normal", "mlsd": "mlsd", "hed": "hed",
-    "seg_ade20k": "seg", "openpose": "openpose", "scribble": "scribble",
+    "canny": "canny",
+    "depth": "depth",
+    "normal": "normal",
+    "mlsd": "mlsd",
+    "hed": "hed",
+    "seg_ade20k": "seg",
+    "openpose": "openpose",
+    "scribble": "scribble",
 }
 
 
@@ -59,11 +65,25 @@ def test_single_gpu_and_sd21_variants(monkeypatch):
     assert sd21.data.condition_key == "depth"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-                                      "deepspeed_stage_3", "fsdp", "single_gpu", "auto"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        "deepspeed_stage_2",
+        "deepspeed_stage_2_offload",
+        "deepspeed_stage_3",
+        "fsdp",
+        "single_gpu",
+        "auto",
+    ],
+)
 def test_strategies_compose(strategy):
     cfg = _compose("+experiment=canny", f"strategy={strategy}")
-    target = cfg.trainer.strategy if isinstance(cfg.trainer.strategy, str) else cfg.trainer.strategy._target_
+    target = (
+        cfg.trainer.strategy
+        if isinstance(cfg.trainer.strategy, str)
+        else cfg.trainer.strategy._target_
+    )
     assert target
     if strategy.startswith("deepspeed"):
         assert cfg.trainer.strategy.exclude_frozen_parameters is True
@@ -87,30 +107,61 @@ def test_cfg_job_and_missing_backbone_is_one_clear_line(tmp_path):
     env.pop("SD15_PATH", None)
     job = run_train(["+experiment=scribble", "--cfg", "job"], env, tmp_path)
     assert "logical_batch_size: 256" in job.stdout and "condition_key: scribble" in job.stdout
-    result = run_train(["+experiment=canny", "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}",
-                        "data.train_shards=/nowhere"], env, tmp_path, check=False)
+    result = run_train(
+        [
+            "+experiment=canny",
+            "trainer=cpu",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "data.train_shards=/nowhere",
+        ],
+        env,
+        tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
     assert errors == ["cn_lightning: error: Missing mandatory value: model.pretrained_model_path"]
 
 
-def _tiny_experiment_run(name: str, tiny_sd_path: str, tmp_path: Path,
-                         device: tuple[str, ...] = ("strategy=single_gpu", "trainer.accelerator=cpu",
-                                                    "trainer.precision=32-true")):
+def _tiny_experiment_run(
+    name: str,
+    tiny_sd_path: str,
+    tmp_path: Path,
+    device: tuple[str, ...] = (
+        "strategy=single_gpu",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+    ),
+):
     shards = write_condition_shards(tmp_path / "shards")
     run_dir = tmp_path / "run"
     overrides = [
-        f"+experiment={name}", *device, f"hydra.run.dir={run_dir}",
-        f"model.pretrained_model_path={tiny_sd_path}", f"data.train_shards={shards}",
-        "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4",
+        f"+experiment={name}",
+        *device,
+        f"hydra.run.dir={run_dir}",
+        f"model.pretrained_model_path={tiny_sd_path}",
+        f"data.train_shards={shards}",
+        "data.resolution=32",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=4",
         "logical_batch_size=4",
-        "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "model.sample_steps=2", "callbacks.samples.every_n_steps=0",
-        "++callbacks.samples.at_start=false", "callbacks.samples.num_samples=1", "logger=csv",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "model.sample_steps=2",
+        "callbacks.samples.every_n_steps=0",
+        "++callbacks.samples.at_start=false",
+        "callbacks.samples.num_samples=1",
+        "logger=csv",
     ]
     result = run_train(overrides, subprocess_env(tmp_path), tmp_path)
-    assert "global batch = 2 per device x 1 devices x 2 accumulation = 4 (logical_batch_size 4)" in result.stdout
+    assert (
+        "global batch = 2 per device x 1 devices x 2 accumulation = 4 (logical_batch_size 4)"
+        in result.stdout
+    )
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert list((run_dir / "samples").glob("*.png")), "the recipe's sample logging did not run"
@@ -128,7 +179,11 @@ def test_trainer_cpu_changes_only_the_device(monkeypatch):
     monkeypatch.setenv("SD15_PATH", "/models/sd15")
     gpu = _compose("+experiment=canny")
     cpu = _compose("+experiment=canny", "trainer=cpu")
-    assert (cpu.trainer.accelerator, cpu.trainer.devices, cpu.trainer.precision) == ("cpu", 1, "32-true")
+    assert (cpu.trainer.accelerator, cpu.trainer.devices, cpu.trainer.precision) == (
+        "cpu",
+        1,
+        "32-true",
+    )
     assert cpu.trainer.max_steps == gpu.trainer.max_steps == 20000  # the experiment's
     assert cpu.trainer.strategy == gpu.trainer.strategy  # the recipe's DDP
     for key in set(gpu) - {"trainer"}:
@@ -154,7 +209,9 @@ def test_help_lists_only_real_experiments():
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        assert sorted(loader.get_group_options("experiment")) == sorted([*EXPERIMENTS, "quickstart"])
+        assert sorted(loader.get_group_options("experiment")) == sorted(
+            [*EXPERIMENTS, "quickstart"]
+        )
         assert loader.get_group_options("recipe") == ["controlnet11"]
         assert "cpu" in loader.get_group_options("trainer")
 

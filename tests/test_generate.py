@@ -71,7 +71,13 @@ def assets(tiny_sd_path, tmp_path_factory) -> dict:
 
 
 def _settings(assets: dict, controls: list[Control], **kwargs) -> GenerationSettings:
-    defaults = {"base": assets["base"], "prompt": "red circle", "steps": 2, "guidance_scale": 3.0, "seed": 5}
+    defaults = {
+        "base": assets["base"],
+        "prompt": "red circle",
+        "steps": 2,
+        "guidance_scale": 3.0,
+        "seed": 5,
+    }
     return GenerationSettings(controls=controls, **{**defaults, **kwargs})
 
 
@@ -82,9 +88,32 @@ def _pixels(image: Image.Image) -> np.ndarray:
 def test_cli_with_canny_on_another_base_model_writes_pngs_with_settings(assets, tmp_path):
     out = tmp_path / "out"
     argv = [
-        "--base", assets["other_base"], "--controlnet", assets["controlnets"][0], "--image", assets["photo"],
-        "--extractor", "canny", "--prompt", "red circle", "--negative-prompt", "blurry", "--steps", "2",
-        "--guidance", "3", "--seed", "5", "--batch", "2", "--width", "40", "--height", "32", "--out", str(out),
+        "--base",
+        assets["other_base"],
+        "--controlnet",
+        assets["controlnets"][0],
+        "--image",
+        assets["photo"],
+        "--extractor",
+        "canny",
+        "--prompt",
+        "red circle",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+        "--width",
+        "40",
+        "--height",
+        "32",
+        "--out",
+        str(out),
     ]
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000005.png", "000006.png", "condition_0.png"]
@@ -94,7 +123,12 @@ def test_cli_with_canny_on_another_base_model_writes_pngs_with_settings(assets, 
     assert meta["base"] == assets["other_base"] and meta["prompt"] == "red circle"
     assert meta["negative_prompt"] == "blurry" and meta["seed"] == 5 and meta["steps"] == 2
     assert meta["controls"] == [
-        {"controlnet": assets["controlnets"][0], "image": assets["photo"], "scale": 1.0, "extractor": "canny"}
+        {
+            "controlnet": assets["controlnets"][0],
+            "image": assets["photo"],
+            "scale": 1.0,
+            "extractor": "canny",
+        }
     ]
     assert json.loads(second.text["cn_lightning"])["seed"] == 6
     assert "Seed: 5, Size: 40x32" in first.text["parameters"]
@@ -121,11 +155,17 @@ def test_multi_controlnet_is_the_sum_of_single_residuals(assets):
     pipe = build_pipeline(backbone, nets)
     assert isinstance(pipe.controlnet, MultiControlNetModel)
     g = torch.Generator().manual_seed(0)
-    sample, conds = torch.randn(2, 4, 16, 16, generator=g), [torch.rand(2, 3, 32, 32, generator=g) for _ in nets]
+    sample, conds = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        [torch.rand(2, 3, 32, 32, generator=g) for _ in nets],
+    )
     emb, t, scales = torch.randn(2, 16, 32, generator=g), torch.tensor([20, 800]), [0.7, 1.3]
     with torch.no_grad():
         down, mid = pipe.controlnet(sample, t, emb, conds, scales, return_dict=False)
-        singles = [net(sample, t, emb, c, conditioning_scale=s, return_dict=False) for net, c, s in zip(nets, conds, scales, strict=True)]
+        singles = [
+            net(sample, t, emb, c, conditioning_scale=s, return_dict=False)
+            for net, c, s in zip(nets, conds, scales, strict=True)
+        ]
     assert len(down) == len(singles[0][0]) == 6
     for i, residual in enumerate(down):
         torch.testing.assert_close(residual, singles[0][0][i] + singles[1][0][i], rtol=0, atol=0)
@@ -142,14 +182,18 @@ def test_composition_through_the_pipeline(assets):
     pair[1].scale = 1.0
     both, _ = generate(_settings(assets, pair, **size))
     assert single[0].size == (32, 32)
-    assert np.array_equal(np.asarray(single[0]), np.asarray(muted[0]))  # a second ControlNet at scale 0 adds nothing
+    assert np.array_equal(
+        np.asarray(single[0]), np.asarray(muted[0])
+    )  # a second ControlNet at scale 0 adds nothing
     assert np.abs(_pixels(both[0]) - _pixels(single[0])).max() > 0
 
 
 def test_guess_mode_and_size_options(assets):
     control = Control(assets["controlnets"][0], assets["condition"])
     normal, _ = generate(_settings(assets, [control], prompt="", width=24, height=32, steps=1))
-    guessed, _ = generate(_settings(assets, [control], prompt="", width=24, height=32, steps=1, guess_mode=True))
+    guessed, _ = generate(
+        _settings(assets, [control], prompt="", width=24, height=32, steps=1, guess_mode=True)
+    )
     assert normal[0].size == guessed[0].size == (24, 32)
     assert np.abs(_pixels(normal[0]) - _pixels(guessed[0])).max() > 0
 
@@ -185,32 +229,51 @@ def test_condition_maps_keep_their_values_when_resized():
     assert {tuple(c) for c in resized.reshape(-1, 3)} == {(120, 120, 80), (4, 200, 3)}
 
 
-
 def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     cn, photo, out = assets["controlnets"][0], assets["photo"], str(tmp_path / "o")
     base = ["--base", assets["base"], "--out", out, "--steps", "1"]
-    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--extractor", "sketchify"])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", cn, "--image", photo, "--extractor", "sketchify"]
+    )
     assert "unknown condition extractor 'sketchify'" in line and "canny" in line
-    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", str(tmp_path / "missing.png")])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", cn, "--image", str(tmp_path / "missing.png")]
+    )
     assert "missing.png" in line and "does not exist" in line
     line = cli_error(capsys, main, [*base, "--controlnet", cn, cn, "--image", photo])
     assert "one --image per --controlnet" in line
-    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--scale", "1", "1", "1"])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", cn, "--image", photo, "--scale", "1", "1", "1"]
+    )
     assert "--scale takes one value or one per ControlNet" in line
-    line = cli_error(capsys, main, ["--base", str(tmp_path / "nobase"), "--out", out, "--controlnet", cn, "--image", photo])
+    line = cli_error(
+        capsys,
+        main,
+        ["--base", str(tmp_path / "nobase"), "--out", out, "--controlnet", cn, "--image", photo],
+    )
     assert "nobase" in line and "does not exist" in line
-    line = cli_error(capsys, main, [*base, "--controlnet", cn, "--image", photo, "--sampler", "euler"])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", cn, "--image", photo, "--sampler", "euler"]
+    )
     assert "invalid choice: 'euler'" in line
 
     from cn_lightning.models.tiny import build_tiny_components
 
-    wide = ControlNetModel.from_unet(build_tiny_components("small")[0], conditioning_embedding_out_channels=(16, 32))
+    wide = ControlNetModel.from_unet(
+        build_tiny_components("small")[0], conditioning_embedding_out_channels=(16, 32)
+    )
     save_controlnet_folder(wide, tmp_path / "wide")
-    line = cli_error(capsys, main, [*base, "--controlnet", str(tmp_path / "wide"), "--image", photo])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", str(tmp_path / "wide"), "--image", photo]
+    )
     assert "does not fit the base model" in line and "block_out_channels" in line
-    sd_hint = ControlNetModel.from_unet(load_backbone(assets["base"]).unet)  # SD's 8x condition encoder
+    sd_hint = ControlNetModel.from_unet(
+        load_backbone(assets["base"]).unet
+    )  # SD's 8x condition encoder
     save_controlnet_folder(sd_hint, tmp_path / "sd_hint")
-    line = cli_error(capsys, main, [*base, "--controlnet", str(tmp_path / "sd_hint"), "--image", photo])
+    line = cli_error(
+        capsys, main, [*base, "--controlnet", str(tmp_path / "sd_hint"), "--image", photo]
+    )
     assert "downsamples its condition 8x but the base model's VAE downsamples 2x" in line
     assert not (tmp_path / "o").exists()
 
@@ -220,6 +283,21 @@ def test_help_documents_the_options(capsys):
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--base", "--controlnet", "--image", "--scale", "--extractor", "--guess-mode", "--negative-prompt",
-                   "--steps", "--guidance", "--seed", "--width", "--height", "--batch", "--sampler", "--out"):
+    for option in (
+        "--base",
+        "--controlnet",
+        "--image",
+        "--scale",
+        "--extractor",
+        "--guess-mode",
+        "--negative-prompt",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--width",
+        "--height",
+        "--batch",
+        "--sampler",
+        "--out",
+    ):
         assert option in text

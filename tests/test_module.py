@@ -55,17 +55,25 @@ def test_training_changes_only_the_control_branch(tiny_sd_path):
     for name, before in frozen.items():
         after = getattr(m, name).state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), f"{name} changed"
-    changed = [k for k, v in m.controlnet.state_dict().items() if not torch.equal(v, control_before[k])]
+    changed = [
+        k for k, v in m.controlnet.state_dict().items() if not torch.equal(v, control_before[k])
+    ]
     assert len(changed) > len(control_before) // 2
     assert all(not p.requires_grad for p in m.unet.parameters())
 
 
 def test_unlocked_decoder_trains_with_its_own_learning_rate(tiny_sd_path):
-    m = ControlNetModule(tiny_sd_path, sd_locked=False, learning_rate=1e-3, decoder_learning_rate=1e-4)
+    m = ControlNetModule(
+        tiny_sd_path, sd_locked=False, learning_rate=1e-3, decoder_learning_rate=1e-4
+    )
     optimizer = m.configure_optimizers()
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-4]
     decoder = {id(p) for p in optimizer.param_groups[1]["params"]}
-    expected = {id(p) for n, p in m.unet.named_parameters() if n.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))}
+    expected = {
+        id(p)
+        for n, p in m.unet.named_parameters()
+        if n.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))
+    }
     assert decoder == expected
     encoder_before = m.unet.down_blocks[0].resnets[0].conv1.weight.clone()
     loss = m.compute_loss(random_batch())

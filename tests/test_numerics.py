@@ -24,14 +24,26 @@ def _all_finite(state: dict) -> bool:
 
 
 def test_huge_learning_rate_stops_with_one_line_and_keeps_finite_checkpoints(
-    tiny_sd_path, circle_shards, tmp_path, capsys  # noqa: F811
+    tiny_sd_path,
+    circle_shards,
+    tmp_path,
+    capsys,  # noqa: F811
 ):
     run_dir = tmp_path / "run"
-    cfg = _cfg(tiny_sd_path, circle_shards, run_dir, "trainer.max_steps=30",
-               "model.learning_rate=1e12", "model.max_consecutive_nonfinite=4",
-               "trainer.precision=bf16-mixed")
-    with pytest.raises(NumericsError, match=r"^step \d+: 4 optimizer steps in a row .*"
-                                            r"learning_rate.*bf16") as err:
+    cfg = _cfg(
+        tiny_sd_path,
+        circle_shards,
+        run_dir,
+        "trainer.max_steps=30",
+        "model.learning_rate=1e12",
+        "model.max_consecutive_nonfinite=4",
+        "trainer.precision=bf16-mixed",
+    )
+    with pytest.raises(
+        NumericsError,
+        match=r"^step \d+: 4 optimizer steps in a row .*"
+        r"learning_rate.*bf16",
+    ) as err:
         train(cfg)
     assert "\n" not in str(err.value)
     assert not (run_dir / "controlnet").exists(), "a run that failed must not export"
@@ -73,9 +85,16 @@ def _snapshot(module, optimizer) -> dict:
 def test_non_finite_gradient_skips_the_step_exactly(tiny_sd_path, tmp_path):
     module = ControlNetModule(tiny_sd_path, learning_rate=1e-3)
     probe = _InfGradOnce(at=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, callbacks=[probe],
-                        enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        callbacks=[probe],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=RandomPairsDataModule(n=16, size=32))
     assert module.numerics.skipped == 1 and module.numerics.consecutive == 0
     assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
@@ -91,8 +110,11 @@ def test_zero3_bf16_huge_learning_rate_on_two_ranks(tiny_sd_path, circle_shards,
     args = tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=30) + [
         "strategy=deepspeed_stage_3",
         "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
-        "trainer.devices=2", "trainer.precision=bf16-mixed", "model.learning_rate=1e12",
-        "model.max_consecutive_nonfinite=3", "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.devices=2",
+        "trainer.precision=bf16-mixed",
+        "model.learning_rate=1e12",
+        "model.max_consecutive_nonfinite=3",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
     ]
     result = run_train(args, subprocess_env(tmp_path), tmp_path, check=False)
     assert result.returncode == 2, result.stderr[-3000:]

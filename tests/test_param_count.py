@@ -23,7 +23,9 @@ def _count(model: torch.nn.Module) -> int:
 
 def test_sd15_controlnet_from_unet_has_paper_size() -> None:
     with torch.device("meta"):
-        controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_config(_config("sd15", "unet")))
+        controlnet = ControlNetModel.from_unet(
+            UNet2DConditionModel.from_config(_config("sd15", "unet"))
+        )
     assert _count(controlnet) == SD15_CONTROLNET_PARAMS
 
 
@@ -37,11 +39,18 @@ def test_sd15_controlnet_config_has_paper_size() -> None:
 def test_shipped_controlnet_config_equals_from_unet(variant: str) -> None:
     """The shipped controlnet/config.json describes the same network as ``from_unet(unet)``."""
     with torch.device("meta"):
-        from_unet = ControlNetModel.from_unet(UNet2DConditionModel.from_config(_config(variant, "unet")))
+        from_unet = ControlNetModel.from_unet(
+            UNet2DConditionModel.from_config(_config(variant, "unet"))
+        )
         from_config = ControlNetModel.from_config(_config(variant, "controlnet"))
     shapes = {k: tuple(v.shape) for k, v in from_unet.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in from_config.state_dict().items()} == shapes
-    for key in ("cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention"):
+    for key in (
+        "cross_attention_dim",
+        "attention_head_dim",
+        "use_linear_projection",
+        "upcast_attention",
+    ):
         assert from_config.config[key] == from_unet.config[key], key
 
 

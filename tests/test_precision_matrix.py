@@ -30,16 +30,28 @@ def circle_shards(tmp_path_factory) -> str:
 
 def _cfg(tiny_sd_path: str, shards: str, run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            f"paths.output_dir={run_dir}", f"model.pretrained_model_path={tiny_sd_path}",
-            f"data.train_shards={shards}", "data.resolution=32", "data.batch_size=2",
-            "data.num_workers=0", "data.shuffle_buffer=8", "data.condition_key=outline",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false", "callbacks=minimal", "logger=csv",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
-            "+callbacks.dtypes._target_=distributed_helpers.DtypeRecorder",
-            f"+callbacks.dtypes.out_dir={run_dir / 'dtypes'}", *overrides,
-        ])
+        return compose(
+            config_name="train",
+            overrides=[
+                f"paths.output_dir={run_dir}",
+                f"model.pretrained_model_path={tiny_sd_path}",
+                f"data.train_shards={shards}",
+                "data.resolution=32",
+                "data.batch_size=2",
+                "data.num_workers=0",
+                "data.shuffle_buffer=8",
+                "data.condition_key=outline",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "+trainer.enable_model_summary=false",
+                "callbacks=minimal",
+                "logger=csv",
+                "callbacks.model_checkpoint.every_n_train_steps=2",
+                "+callbacks.dtypes._target_=distributed_helpers.DtypeRecorder",
+                f"+callbacks.dtypes.out_dir={run_dir / 'dtypes'}",
+                *overrides,
+            ],
+        )
 
 
 @pytest.mark.parametrize(
@@ -54,9 +66,13 @@ def test_single_device_precision_trains_resumes_and_exports(
     train(_cfg(tiny_sd_path, circle_shards, run_dir, "trainer.max_steps=2", *common))
     dtypes = json.loads((run_dir / "dtypes" / "dtypes_rank0.json").read_text())
     frozen_dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-    assert dtypes == {"branch": "torch.float32", "master": ["torch.float32"],
-                      "vae": frozen_dtype[frozen], "text_encoder": frozen_dtype[frozen],
-                      "loss": "torch.float32"}
+    assert dtypes == {
+        "branch": "torch.float32",
+        "master": ["torch.float32"],
+        "vae": frozen_dtype[frozen],
+        "text_encoder": frozen_dtype[frozen],
+        "loss": "torch.float32",
+    }
 
     train(_cfg(tiny_sd_path, circle_shards, run_dir, "trainer.max_steps=3", *common))
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -71,8 +87,11 @@ def test_single_device_precision_trains_resumes_and_exports(
 
 @pytest.mark.parametrize(
     "precision,reason",
-    [("bf16-true", "no fp32 master weights"), ("16-true", "no fp32 master weights"),
-     ("16-mixed", "needs a GPU")],  # Lightning would train bf16 instead, silently
+    [
+        ("bf16-true", "no fp32 master weights"),
+        ("16-true", "no fp32 master weights"),
+        ("16-mixed", "needs a GPU"),
+    ],  # Lightning would train bf16 instead, silently
 )
 def test_precisions_the_cpu_cannot_train_correctly_are_refused_at_start(
     tiny_sd_path, circle_shards, tmp_path, precision, reason

@@ -21,8 +21,11 @@ def circle_shards(tmp_path_factory) -> str:
 
 
 def _args(tiny_sd_path: str, shards: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    base = [a for a in tiny_run_overrides(tiny_sd_path, shards, run_dir, steps)
-            if not a.startswith("trainer.enable_progress_bar")]
+    base = [
+        a
+        for a in tiny_run_overrides(tiny_sd_path, shards, run_dir, steps)
+        if not a.startswith("trainer.enable_progress_bar")
+    ]
     return base + [
         "trainer.enable_progress_bar=true",
         "trainer.accumulate_grad_batches=2",
@@ -39,8 +42,9 @@ def _bar(stdout: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in re.findall(r"^step (\d+)/(\d+) \|", stdout, re.M)]
 
 
-def test_bar_counts_optimizer_steps_and_lines_reach_train_log(tiny_sd_path, circle_shards,
-                                                               tmp_path):
+def test_bar_counts_optimizer_steps_and_lines_reach_train_log(
+    tiny_sd_path, circle_shards, tmp_path
+):
     env = subprocess_env(tmp_path)
     run_dir = tmp_path / "run"
     first = run_train(_args(tiny_sd_path, circle_shards, run_dir, 4), env, tmp_path)
@@ -64,12 +68,16 @@ def test_bar_counts_optimizer_steps_and_lines_reach_train_log(tiny_sd_path, circ
 
     # Resume to 6 steps (last.ckpt holds step 4), with W&B offline: the bar starts at the
     # resumed step; train.log (appended to) gets this run's lines, the wandb sync hint included.
-    second = run_train(_args(tiny_sd_path, circle_shards, run_dir, 6, "logger=wandb"), env,
-                       tmp_path)
+    second = run_train(
+        _args(tiny_sd_path, circle_shards, run_dir, 6, "logger=wandb"), env, tmp_path
+    )
     assert _bar(second.stdout) == [(4, 6), (5, 6), (6, 6)], second.stdout
     log = (run_dir / "train.log").read_text()
-    for line in ("[cn_lightning] resuming from", "[cn_lightning] training starts at step 4",
-                 "[cn_lightning] W&B ran offline; upload with: wandb sync"):
+    for line in (
+        "[cn_lightning] resuming from",
+        "[cn_lightning] training starts at step 4",
+        "[cn_lightning] W&B ran offline; upload with: wandb sync",
+    ):
         assert second.stdout.count(line) == 1, (line, second.stdout)
         assert log.count(line) == 1, (line, log)
     assert log.count("[cn_lightning] exported ControlNet to") == 2

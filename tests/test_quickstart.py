@@ -15,7 +15,9 @@ from PIL import Image
 from cn_lightning.config import asset
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, Path]:
+def run_train(
+    tmp_path: Path, *overrides: str, timeout: int = 900
+) -> tuple[subprocess.CompletedProcess, Path]:
     run_dir = tmp_path / "run"
     env = dict(
         os.environ,
@@ -26,7 +28,11 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subp
     env.pop("WANDB_API_KEY", None)
     result = subprocess.run(
         [sys.executable, "-m", "cn_lightning.train", f"hydra.run.dir={run_dir}", *overrides],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, run_dir
@@ -55,10 +61,30 @@ def evaluate_fidelity(run_dir: Path, out: Path, control_scale: float) -> float:
     from cn_lightning.evaluate import main as evaluate
 
     val = next((run_dir.parent / "cache").glob("circles_32px_val_64"))
-    argv = ["--val-shards", str(val), "--condition-key", "outline", "--resolution", "32",
-            "--base", asset("toy_sd"), "--controlnet", str(run_dir / "controlnet"), "--steps", "20",
-            "--guidance", "3", "--batch-size", "16", "--accelerator", "cpu",
-            "--control-scale", str(control_scale), "--out", str(out)]
+    argv = [
+        "--val-shards",
+        str(val),
+        "--condition-key",
+        "outline",
+        "--resolution",
+        "32",
+        "--base",
+        asset("toy_sd"),
+        "--controlnet",
+        str(run_dir / "controlnet"),
+        "--steps",
+        "20",
+        "--guidance",
+        "3",
+        "--batch-size",
+        "16",
+        "--accelerator",
+        "cpu",
+        "--control-scale",
+        str(control_scale),
+        "--out",
+        str(out),
+    ]
     assert evaluate(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 64

@@ -19,8 +19,12 @@ def write_random_sd15(out: Path) -> Path:
     from cn_lightning.models.single_file import load_clip_tokenizer
 
     torch.manual_seed(0)
-    UNet2DConditionModel.from_config(json.loads((CONFIGS / "unet" / "config.json").read_text())).save_pretrained(out / "unet")
-    AutoencoderKL.from_config(json.loads((CONFIGS / "vae" / "config.json").read_text())).save_pretrained(out / "vae")
+    UNet2DConditionModel.from_config(
+        json.loads((CONFIGS / "unet" / "config.json").read_text())
+    ).save_pretrained(out / "unet")
+    AutoencoderKL.from_config(
+        json.loads((CONFIGS / "vae" / "config.json").read_text())
+    ).save_pretrained(out / "vae")
     text_cfg = CLIPTextConfig.from_pretrained(CONFIGS / "text_encoder")
     CLIPTextModel(text_cfg).save_pretrained(out / "text_encoder")
     load_clip_tokenizer(CONFIGS / "tokenizer").save_pretrained(out / "tokenizer")

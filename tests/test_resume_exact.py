@@ -43,8 +43,11 @@ def _kill_after_checkpoint(args: list[str], env: dict, cwd: Path, checkpoint: Pa
     """Start training, SIGKILL its whole process group as soon as ``checkpoint`` exists."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cn_lightning.train", *args],
-        cwd=cwd, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 600
@@ -66,26 +69,37 @@ def _weights(run_dir: Path) -> dict:
     [
         pytest.param(["data.samples_per_epoch=12"], id="single-device"),
         pytest.param(
-            ["strategy=ddp", "trainer.devices=2", "data.samples_per_epoch=24",
-             "data.resampled=false", "trainer.precision=bf16-mixed",
-             "+callbacks.draws._target_=distributed_helpers.DrawRecorder",
-             "+callbacks.draws.out_dir=${paths.output_dir}/draws"],
+            [
+                "strategy=ddp",
+                "trainer.devices=2",
+                "data.samples_per_epoch=24",
+                "data.resampled=false",
+                "trainer.precision=bf16-mixed",
+                "+callbacks.draws._target_=distributed_helpers.DrawRecorder",
+                "+callbacks.draws.out_dir=${paths.output_dir}/draws",
+            ],
             id="ddp-2-ranks-bf16-finite-epochs",
         ),
         *[
             pytest.param(
-                [f"strategy=deepspeed_stage_{stage}", "trainer.devices=2",
-                 "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
-                 "trainer.precision=bf16-mixed", "data.samples_per_epoch=24",
-                 "logical_batch_size=8"],  # 2 per rank x 2 ranks x 2 accumulation
-                id=f"zero{stage}-2-ranks-bf16-accumulation", marks=pytest.mark.slow,
+                [
+                    f"strategy=deepspeed_stage_{stage}",
+                    "trainer.devices=2",
+                    "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
+                    "trainer.precision=bf16-mixed",
+                    "data.samples_per_epoch=24",
+                    "logical_batch_size=8",
+                ],  # 2 per rank x 2 ranks x 2 accumulation
+                id=f"zero{stage}-2-ranks-bf16-accumulation",
+                marks=pytest.mark.slow,
             )
             for stage in (2, 3)
         ],
     ],
 )
-def test_killed_and_relaunched_run_equals_uninterrupted(tiny_sd_path, circle_shards, tmp_path,
-                                                        extra):
+def test_killed_and_relaunched_run_equals_uninterrupted(
+    tiny_sd_path, circle_shards, tmp_path, extra
+):
     env = subprocess_env(tmp_path)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_train(_args(tiny_sd_path, circle_shards, whole, extra), env, tmp_path)
@@ -113,7 +127,8 @@ def _assert_per_rank_draws(whole: Path, broken: Path) -> None:
     exactly what the uninterrupted one drew in the steps it redid."""
     draws = {
         (run.name, rank): json.loads((run / "draws" / f"draws_rank{rank}.json").read_text())
-        for run in (whole, broken) for rank in (0, 1)
+        for run in (whole, broken)
+        for rank in (0, 1)
     }
     for step in draws["whole", 0]:
         t0, noise0 = draws["whole", 0][step]
@@ -134,7 +149,8 @@ def test_last_checkpoint_is_the_final_step_and_a_finished_run_changes_nothing(
     env = subprocess_env(tmp_path)
     run_dir = tmp_path / "run"
     args = tiny_run_overrides(tiny_sd_path, circle_shards, run_dir, steps=8) + [
-        "callbacks.model_checkpoint.every_n_train_steps=5", "data.samples_per_epoch=8",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        "data.samples_per_epoch=8",
     ]
     run_train(args, env, tmp_path)
     checkpoints = run_dir / "checkpoints"

@@ -45,7 +45,9 @@ def vae_to_ldm(sd: dict[str, Tensor], n_blocks: int) -> dict[str, Tensor]:
     """Inverse of diffusers' convert_ldm_vae_checkpoint (attention linears become 1x1 convs)."""
     out = {}
     for key, value in sd.items():
-        k = key.replace("conv_norm_out", "norm_out").replace(".mid_block.resnets.0.", ".mid.block_1.")
+        k = key.replace("conv_norm_out", "norm_out").replace(
+            ".mid_block.resnets.0.", ".mid.block_1."
+        )
         k = k.replace(".mid_block.resnets.1.", ".mid.block_2.")
         if ".mid_block.attentions.0." in k:
             k = k.replace(".mid_block.attentions.0.", ".mid.attn_1.")
@@ -55,11 +57,15 @@ def vae_to_ldm(sd: dict[str, Tensor], n_blocks: int) -> dict[str, Tensor]:
                 value = value[:, :, None, None]
         if k.startswith("encoder.down_blocks."):
             _, _, i, kind, *rest = k.split(".")
-            k = f"encoder.down.{i}." + (f"block.{'.'.join(rest)}" if kind == "resnets" else "downsample.conv." + rest[-1])
+            k = f"encoder.down.{i}." + (
+                f"block.{'.'.join(rest)}" if kind == "resnets" else "downsample.conv." + rest[-1]
+            )
         if k.startswith("decoder.up_blocks."):
             _, _, i, kind, *rest = k.split(".")
             b = n_blocks - 1 - int(i)
-            k = f"decoder.up.{b}." + (f"block.{'.'.join(rest)}" if kind == "resnets" else "upsample.conv." + rest[-1])
+            k = f"decoder.up.{b}." + (
+                f"block.{'.'.join(rest)}" if kind == "resnets" else "upsample.conv." + rest[-1]
+            )
         for new, old in _VAE_RESNET.items():
             k = k.replace(new, old)
         out["first_stage_model." + k] = value
@@ -68,7 +74,10 @@ def vae_to_ldm(sd: dict[str, Tensor], n_blocks: int) -> dict[str, Tensor]:
 
 def clip_to_ldm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """SD1 layout: the HF CLIPTextModel under ``cond_stage_model.transformer.text_model.``."""
-    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in sd.items()}
+    return {
+        "cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+        for k, v in sd.items()
+    }
 
 
 def open_clip_to_ldm(sd: dict[str, Tensor], n_layers: int, proj_dim: int) -> dict[str, Tensor]:
@@ -84,12 +93,19 @@ def open_clip_to_ldm(sd: dict[str, Tensor], n_layers: int, proj_dim: int) -> dic
     }
     width = out[p + "ln_final.weight"].shape[0]
     out[p + "text_projection"] = torch.randn(width, proj_dim)
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     for i in range(n_layers + 1):
         src, dst = f"encoder.layers.{min(i, n_layers - 1)}.", f"{p}transformer.resblocks.{i}."
         block = {}
         for kind in ("weight", "bias"):
-            block[f"attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            block[f"attn.in_proj_{kind}"] = torch.cat(
+                [sd[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            )
             block[f"attn.out_proj.{kind}"] = sd[f"{src}self_attn.out_proj.{kind}"]
             for hf, oc in names.items():
                 block[f"{oc}.{kind}"] = sd[f"{src}{hf}.{kind}"]
@@ -118,7 +134,12 @@ TINY_VAE = {
     "norm_num_groups": 4,
     "sample_size": 16,
 }
-TINY_TEXT = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 49408}
+TINY_TEXT = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "vocab_size": 49408,
+}
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -137,21 +158,38 @@ def make_tiny_sd(tmp_path: Path, family: str) -> tuple[Path, dict[str, torch.nn.
     cfg_dir = tmp_path / f"tiny-{family}"
     shutil.copytree(base, cfg_dir)
     hidden = 32 if sd2 else 16
-    unet_cfg = {**json.loads((base / "unet/config.json").read_text()), **TINY_UNET, "cross_attention_dim": hidden}
+    unet_cfg = {
+        **json.loads((base / "unet/config.json").read_text()),
+        **TINY_UNET,
+        "cross_attention_dim": hidden,
+    }
     if sd2:
         unet_cfg["attention_head_dim"] = [2, 4]
     vae_cfg = {**json.loads((base / "vae/config.json").read_text()), **TINY_VAE}
-    text_cfg = {**json.loads((base / "text_encoder/config.json").read_text()), **TINY_TEXT, "hidden_size": hidden}
+    text_cfg = {
+        **json.loads((base / "text_encoder/config.json").read_text()),
+        **TINY_TEXT,
+        "hidden_size": hidden,
+    }
     for name, cfg in (("unet", unet_cfg), ("vae", vae_cfg), ("text_encoder", text_cfg)):
         (cfg_dir / name / "config.json").write_text(json.dumps(cfg))
 
     unet = _randomize(UNet2DConditionModel.from_config(unet_cfg), 0)
     vae = _randomize(AutoencoderKL.from_config(vae_cfg), 1)
-    text = _randomize(CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_cfg.items() if k != "architectures"})), 2)
+    text = _randomize(
+        CLIPTextModel(
+            CLIPTextConfig(**{k: v for k, v in text_cfg.items() if k != "architectures"})
+        ),
+        2,
+    )
     ckpt = unet_to_original(unet.state_dict(), unet.config)
     ckpt |= vae_to_ldm(vae.state_dict(), len(vae_cfg["block_out_channels"]))
     text_sd = text.state_dict()
-    ckpt |= open_clip_to_ldm(text_sd, TINY_TEXT["num_hidden_layers"], 8) if sd2 else clip_to_ldm(text_sd)
+    ckpt |= (
+        open_clip_to_ldm(text_sd, TINY_TEXT["num_hidden_layers"], 8)
+        if sd2
+        else clip_to_ldm(text_sd)
+    )
     path = tmp_path / f"tiny-{family}.safetensors"
     from safetensors.torch import save_file
 
@@ -180,7 +218,9 @@ def test_tiny_checkpoint_loads_bit_identical(tmp_path: Path, family: str) -> Non
     assert comps["noise_scheduler"].config.prediction_type == expected_pred
     assert comps["tokenizer"].pad_token_id == (0 if family == "sd2" else 49407)
     # The loaded parts run together: encode a prompt, denoise one step.
-    ids = comps["tokenizer"](["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = comps["tokenizer"](
+        ["a cat"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         ctx = comps["text_encoder"](ids)[0]
         out = comps["unet"](torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=ctx).sample
@@ -192,7 +232,9 @@ def test_variant_override_and_pickle_checkpoint(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     ckpt_path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": load_file(str(path)), "global_step": 3}, ckpt_path)  # Lightning-style wrapper
+    torch.save(
+        {"state_dict": load_file(str(path)), "global_step": 3}, ckpt_path
+    )  # Lightning-style wrapper
     # The sd21-base scheduler (epsilon) is chosen by name; the tiny architecture by the override.
     scheduler_dir = cfg_dir / "scheduler"
     shutil.copy(config_dir("sd21-base") / "scheduler/scheduler_config.json", scheduler_dir)
@@ -214,8 +256,16 @@ def test_shipped_variants_scheduler_and_sizes() -> None:
     assert (cfg("sd15", "unet")["sample_size"], cfg("sd21", "unet")["sample_size"]) == (64, 96)
     assert cfg("sd15", "unet")["use_linear_projection"] is False
     assert cfg("sd21", "unet")["use_linear_projection"] is True
-    assert cfg("sd21", "text_encoder")["hidden_size"] == cfg("sd21", "unet")["cross_attention_dim"] == 1024
-    assert cfg("sd15", "text_encoder")["hidden_size"] == cfg("sd15", "unet")["cross_attention_dim"] == 768
+    assert (
+        cfg("sd21", "text_encoder")["hidden_size"]
+        == cfg("sd21", "unet")["cross_attention_dim"]
+        == 1024
+    )
+    assert (
+        cfg("sd15", "text_encoder")["hidden_size"]
+        == cfg("sd15", "unet")["cross_attention_dim"]
+        == 768
+    )
     for variant in ("sd15", "sd21", "sd21-base"):
         index = json.loads((config_dir(variant) / "model_index.json").read_text())
         assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
@@ -240,7 +290,12 @@ def test_full_size_layout_matches_diffusers_converters(variant: str, expected_ty
         vae = AutoencoderKL.from_config(vae_cfg)
     ldm = unet_to_original(unet.state_dict(), unet.config) | vae_to_ldm(vae.state_dict(), 4)
     # Known keys/shapes of the real original checkpoints.
-    assert ldm["model.diffusion_model.output_blocks.11.0.skip_connection.weight"].shape == (320, 640, 1, 1)
+    assert ldm["model.diffusion_model.output_blocks.11.0.skip_connection.weight"].shape == (
+        320,
+        640,
+        1,
+        1,
+    )
     assert ldm["model.diffusion_model.output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
     assert ldm["model.diffusion_model.output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)
     assert ldm["model.diffusion_model.input_blocks.3.0.op.weight"].shape == (320, 320, 3, 3)
@@ -250,10 +305,15 @@ def test_full_size_layout_matches_diffusers_converters(variant: str, expected_ty
     assert sum(k.startswith("model.diffusion_model.") for k in ldm) == 686
     assert sum(k.startswith("first_stage_model.") for k in ldm) == 248
     # diffusers' own model-type detection needs a text-encoder key too.
-    probe = "cond_stage_model.model.token_embedding.weight" if variant == "sd21" else (
-        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+    probe = (
+        "cond_stage_model.model.token_embedding.weight"
+        if variant == "sd21"
+        else ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight")
     )
-    assert infer_diffusers_model_type(ldm | {probe: torch.empty(77, 768, device="meta")}) == expected_type
+    assert (
+        infer_diffusers_model_type(ldm | {probe: torch.empty(77, 768, device="meta")})
+        == expected_type
+    )
     for model, convert in ((unet, convert_ldm_unet_checkpoint), (vae, convert_ldm_vae_checkpoint)):
         back = convert(ldm, dict(model.config))
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -277,7 +337,9 @@ def test_non_sd_files_are_rejected_with_the_path(tmp_path: Path) -> None:
 
     not_sd = tmp_path / "controlnet.safetensors"
     save_file({"control_model.time_embed.0.weight": torch.zeros(2, 2)}, str(not_sd))
-    with pytest.raises(BackboneLoadError, match="not an original-format Stable Diffusion checkpoint") as info:
+    with pytest.raises(
+        BackboneLoadError, match="not an original-format Stable Diffusion checkpoint"
+    ) as info:
         load_single_file_components(not_sd)
     assert str(not_sd) in str(info.value)
 
@@ -302,7 +364,9 @@ def test_sdxl_and_inpainting_are_named(tmp_path: Path) -> None:
         "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
     }
     with pytest.raises(BackboneLoadError, match="SDXL"):
-        detect_family(base | {"conditioner.embedders.0.transformer.x": torch.zeros(1)}, "x.safetensors")
+        detect_family(
+            base | {"conditioner.embedders.0.transformer.x": torch.zeros(1)}, "x.safetensors"
+        )
 
     from safetensors.torch import save_file
 
@@ -330,7 +394,9 @@ def test_sdxl_and_inpainting_are_named(tmp_path: Path) -> None:
 def _open_clip_simple_tokenizer():
     """open_clip's SimpleTokenizer, loaded from its file so open_clip's torchvision import is skipped."""
     location = importlib.util.find_spec("open_clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", Path(location) / "tokenizer.py")
+    spec = importlib.util.spec_from_file_location(
+        "_open_clip_tokenizer", Path(location) / "tokenizer.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SimpleTokenizer()
@@ -370,7 +436,11 @@ def test_shipped_bpe_files_are_open_clip_vocabulary() -> None:
     shipped = (CLIP_BPE_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")
     assert shipped[0].startswith("#version") and shipped[1:-1] == merges
     vocab = json.loads((CLIP_BPE_DIR / "vocab.json").read_text(encoding="utf-8"))
-    assert len(vocab) == 49408 and vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert (
+        len(vocab) == 49408
+        and vocab["<|startoftext|>"] == 49406
+        and vocab["<|endoftext|>"] == 49407
+    )
     assert vocab["".join(merges[0].split())] == 512  # merges follow the 2 x 256 byte tokens
     assert CONFIG_ROOT in CLIP_BPE_DIR.parents
 
@@ -385,9 +455,13 @@ def test_full_size_sd15_round_trip(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     root = config_dir("sd15")
-    unet = UNet2DConditionModel.from_config(json.loads((root / "unet/config.json").read_text())).half()
+    unet = UNet2DConditionModel.from_config(
+        json.loads((root / "unet/config.json").read_text())
+    ).half()
     vae = AutoencoderKL.from_config(json.loads((root / "vae/config.json").read_text())).half()
-    text_cfg = {k: v for k, v in json.loads((root / "text_encoder/config.json").read_text()).items()}
+    text_cfg = {
+        k: v for k, v in json.loads((root / "text_encoder/config.json").read_text()).items()
+    }
     text = CLIPTextModel(CLIPTextConfig(**text_cfg)).half()
     ckpt = unet_to_original(unet.state_dict(), unet.config) | vae_to_ldm(vae.state_dict(), 4)
     ckpt |= clip_to_ldm(text.state_dict())

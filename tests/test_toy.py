@@ -18,8 +18,16 @@ from cn_lightning.models.diffusion import encode_prompt
 from cn_lightning.models.toy import colour_statistics, nearest_colour_names, text_to_image
 
 # Well-separated palette colours, so a wrong colour cannot pass as a near neighbour.
-PAIRS = [("red", "blue"), ("yellow", "navy"), ("lime", "maroon"), ("white", "black"),
-         ("cyan", "purple"), ("blue", "yellow"), ("black", "white"), ("magenta", "green")]
+PAIRS = [
+    ("red", "blue"),
+    ("yellow", "navy"),
+    ("lime", "maroon"),
+    ("white", "black"),
+    ("cyan", "purple"),
+    ("blue", "yellow"),
+    ("black", "white"),
+    ("magenta", "green"),
+]
 
 
 def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
@@ -28,13 +36,24 @@ def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
     backbone = load_backbone(asset("toy_sd"))
 
     def encode(prompts: list[str]) -> torch.Tensor:
-        return encode_prompt(backbone.tokenizer, backbone.text_encoder, prompts, torch.device("cpu"))
+        return encode_prompt(
+            backbone.tokenizer, backbone.text_encoder, prompts, torch.device("cpu")
+        )
 
     # Four noise seeds per prompt: circles land at random places, some mostly off the image.
     pairs = PAIRS * 4
     prompts = [circle_prompt(a, b) for a, b in pairs]
-    images = text_to_image(backbone.unet, backbone.vae, encode, backbone.noise_scheduler, prompts,
-                           size=32, steps=20, guidance_scale=3.0, seed=0)
+    images = text_to_image(
+        backbone.unet,
+        backbone.vae,
+        encode,
+        backbone.noise_scheduler,
+        prompts,
+        size=32,
+        steps=20,
+        guidance_scale=3.0,
+        seed=0,
+    )
     bg, fg = colour_statistics(images)
     palette = {name: COLOURS[name] for pair in PAIRS for name in pair}
     bg_ok = [n == b for n, (_, b) in zip(nearest_colour_names(bg, palette), pairs, strict=True)]
@@ -46,10 +65,23 @@ def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
 def test_pretrain_toy_command_writes_a_loadable_backbone(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", CN_LIGHTNING_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "cn_lightning.pretrain_toy", f"hydra.run.dir={tmp_path / 'run'}",
-         "vae.steps=2", "unet.steps=2", "data.train_shards=${cn.circle_shards:" + str(tmp_path / "c") + ",64,32}",
-         "data.batch_size=4", "check.num_prompts=2", "check.steps=2"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cn_lightning.pretrain_toy",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "vae.steps=2",
+            "unet.steps=2",
+            "data.train_shards=${cn.circle_shards:" + str(tmp_path / "c") + ",64,32}",
+            "data.batch_size=4",
+            "check.num_prompts=2",
+            "check.steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "run" / "toy_sd"
@@ -71,7 +103,9 @@ def test_the_quickstart_config_uses_the_committed_backbone():
     from cn_lightning.config import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(
+        str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    ):
         cfg = compose("train")
     assert cfg.model.pretrained_model_path == asset("toy_sd")
     assert cfg.data.resolution == 32

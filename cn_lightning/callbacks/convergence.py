@@ -65,19 +65,37 @@ def detect_sudden_convergence(
         raise ValueError(f"{len(steps)} steps but {len(values)} values")
     t = resolve_thresholds(thresholds)
     min_effect, min_snr, noise_floor = t["min_effect"], t["min_snr"], t["noise_floor"]
-    jump_share, plateau_spread, sustain_fraction = t["jump_share"], t["plateau_spread"], t["sustain_fraction"]
-    persistence, rise_points, min_baseline_points = t["persistence"], t["rise_points"], t["min_baseline_points"]
+    jump_share, plateau_spread, sustain_fraction = (
+        t["jump_share"],
+        t["plateau_spread"],
+        t["sustain_fraction"],
+    )
+    persistence, rise_points, min_baseline_points = (
+        t["persistence"],
+        t["rise_points"],
+        t["min_baseline_points"],
+    )
     v = np.asarray(values, dtype=np.float64)
     persistence, rise_points = max(1, int(persistence)), max(1, int(rise_points))
     start = max(1, int(min_baseline_points))
     for k in range(start, len(v) - persistence + 1):
         midpoint = _sudden_jump_midpoint(
-            v, k, min_effect, min_snr, noise_floor, jump_share, rise_points, plateau_spread,
-            persistence, sustain_fraction,
+            v,
+            k,
+            min_effect,
+            min_snr,
+            noise_floor,
+            jump_share,
+            rise_points,
+            plateau_spread,
+            persistence,
+            sustain_fraction,
         )
         if midpoint is not None:
             # The rise may straddle a sampled point: report the first point past the midpoint.
-            first = next(j for j in range(max(start, k - rise_points + 1), k + 1) if v[j] > midpoint)
+            first = next(
+                j for j in range(max(start, k - rise_points + 1), k + 1) if v[j] > midpoint
+            )
             return int(steps[first])
     return None
 
@@ -93,8 +111,15 @@ def resolve_thresholds(overrides: dict[str, float | int]) -> dict[str, float | i
 
 
 def _sudden_jump_midpoint(
-    v: np.ndarray, k: int, min_effect: float, min_snr: float, noise_floor: float,
-    jump_share: float, rise_points: int, plateau_spread: float, persistence: int,
+    v: np.ndarray,
+    k: int,
+    min_effect: float,
+    min_snr: float,
+    noise_floor: float,
+    jump_share: float,
+    rise_points: int,
+    plateau_spread: float,
+    persistence: int,
     sustain_fraction: float,
 ) -> float | None:
     """The midpoint level when a sudden sustained jump completes at index ``k``, else None."""

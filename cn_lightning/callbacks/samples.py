@@ -52,7 +52,9 @@ def make_grid(rows: list[list[torch.Tensor]], min_tile_px: int = 0) -> np.ndarra
     return grid
 
 
-def images_to_grid(images: dict[str, Any], columns: tuple[str, ...] = COLUMNS, min_tile_px: int = 0) -> np.ndarray:
+def images_to_grid(
+    images: dict[str, Any], columns: tuple[str, ...] = COLUMNS, min_tile_px: int = 0
+) -> np.ndarray:
     """One row per sample with the given columns of :meth:`ControlNetModule.log_images`."""
     present = [c for c in columns if c in images]
     n = images[present[0]].shape[0]
@@ -162,8 +164,11 @@ class SampleGridLogger(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The fixed set travels with the checkpoint so a resumed run samples the same images.
-        return {"history": self.history, "fixed_batch": self.fixed_batch,
-                "total_sampling_s": self.total_sampling_s}
+        return {
+            "history": self.history,
+            "fixed_batch": self.fixed_batch,
+            "total_sampling_s": self.total_sampling_s,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
@@ -205,12 +210,11 @@ class SampleGridLogger(L.Callback):
         local = self._sample_indices(trainer, pl_module, indices)
         local["index"] = [i for i in range(rank * per_rank, (rank + 1) * per_rank)]
         parts = _all_gather_objects(local, world)
-        order = sorted(
-            (i, part, j) for part in parts for j, i in enumerate(part["index"]) if i < n
-        )
+        order = sorted((i, part, j) for part in parts for j, i in enumerate(part["index"]) if i < n)
         images = {
             c: torch.stack([part[c][j] for _, part, j in order]).float() / 255
-            for c in COLUMNS if c in parts[0]
+            for c in COLUMNS
+            if c in parts[0]
         }
         images["prompts"] = [batch["prompt"][i] for i, _, _ in order]
         scores = {
@@ -226,8 +230,10 @@ class SampleGridLogger(L.Callback):
         prompts = [batch["prompt"][i] for i in indices]
         seeds = [self.seed + i for i in indices]
         kwargs = dict(
-            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-            seed=seeds, sampler=self.sampler,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=seeds,
+            sampler=self.sampler,
         )
         was_training = pl_module.training
         pl_module.eval()
@@ -236,9 +242,13 @@ class SampleGridLogger(L.Callback):
                 samples = pl_module.sample(condition, prompts, **kwargs).float().cpu()
                 # With the empty prompt both guidance branches are the same ("" and the same
                 # condition), so guidance 1 gives the same image at half the cost.
-                no_prompt = pl_module.sample(
-                    condition, [""] * len(prompts), **{**kwargs, "guidance_scale": 1.0}
-                ).float().cpu()
+                no_prompt = (
+                    pl_module.sample(
+                        condition, [""] * len(prompts), **{**kwargs, "guidance_scale": 1.0}
+                    )
+                    .float()
+                    .cpu()
+                )
         finally:
             pl_module.train(was_training)
         out = {
@@ -278,8 +288,11 @@ class SampleGridLogger(L.Callback):
         Image.fromarray(grid).save(path)
         fid = f" | fidelity {entry['fidelity']:.3f}" if "fidelity" in entry else ""
         caption = f"step {step}{fid} | " + " | ".join(p or '""' for p in images["prompts"])
-        metrics = {f"val/{k}": v for k, v in entry.items() if k not in ("step", "sampling_s",
-                                                                       "sampling_share")}
+        metrics = {
+            f"val/{k}": v
+            for k, v in entry.items()
+            if k not in ("step", "sampling_s", "sampling_share")
+        }
         metrics["samples/time_s"] = entry["sampling_s"]
         metrics["samples/time_share"] = entry["sampling_share"]
         for logger in trainer.loggers:
@@ -378,9 +391,17 @@ def precision_context(trainer: L.Trainer, pl_module) -> contextlib.AbstractConte
     stack = contextlib.ExitStack()
     stack.enter_context(trainer.precision_plugin.forward_context())
     dtype = next(pl_module.controlnet.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(pl_module.device.type):
+    if dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(
+        pl_module.device.type
+    ):
         stack.enter_context(torch.autocast(pl_module.device.type, dtype=dtype))
     return stack
 
 
-__all__ = ["SampleGridLogger", "images_to_grid", "make_grid", "precision_context", "sampling_schedule"]
+__all__ = [
+    "SampleGridLogger",
+    "images_to_grid",
+    "make_grid",
+    "precision_context",
+    "sampling_schedule",
+]

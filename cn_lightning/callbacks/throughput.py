@@ -92,8 +92,13 @@ class ThroughputLogger(L.Callback):
         metrics = self.metrics(trainer.world_size, pl_module.device)
         for name, value in metrics.items():
             pl_module.log(
-                f"perf/{name}", value, on_step=True, on_epoch=False, batch_size=samples,
-                prog_bar=name == "samples_per_s", rank_zero_only=True,
+                f"perf/{name}",
+                value,
+                on_step=True,
+                on_epoch=False,
+                batch_size=samples,
+                prog_bar=name == "samples_per_s",
+                rank_zero_only=True,
             )
 
     # --------------------------------------------------------------------------- metrics
@@ -159,8 +164,13 @@ def count_flops_per_sample(trainer: L.Trainer, pl_module, batch: dict[str, Any])
         timesteps = torch.zeros(1, dtype=torch.long, device=latents.device)
         condition = one["condition"].float()
         with FlopCounterMode(display=False) as counter:
-            pl_module.controlnet(latents, timesteps, encoder_hidden_states=text,
-                                 controlnet_cond=condition, return_dict=False)
+            pl_module.controlnet(
+                latents,
+                timesteps,
+                encoder_hidden_states=text,
+                controlnet_cond=condition,
+                return_dict=False,
+            )
         control = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             pl_module(latents, timesteps, text, condition)
@@ -217,8 +227,13 @@ class StepProgressBar(ProgressBar):
         console_kwargs: arguments of ``rich.console.Console`` (e.g. ``force_terminal``).
     """
 
-    def __init__(self, refresh_per_second: float = 2.0, leave: bool = True,
-                 log_every_s: float = 30.0, console_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        refresh_per_second: float = 2.0,
+        leave: bool = True,
+        log_every_s: float = 30.0,
+        console_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.refresh_per_second = refresh_per_second
         self.leave = leave
@@ -264,10 +279,14 @@ class StepProgressBar(ProgressBar):
         if live and not self._console.is_dumb_terminal:
             from rich.live import Live
 
-            self._live = Live(get_renderable=self._renderable, console=self._console,
-                              refresh_per_second=min(self.refresh_per_second, 4.0),
-                              transient=not self.leave, redirect_stdout=True,
-                              redirect_stderr=True)
+            self._live = Live(
+                get_renderable=self._renderable,
+                console=self._console,
+                refresh_per_second=min(self.refresh_per_second, 4.0),
+                transient=not self.leave,
+                redirect_stdout=True,
+                redirect_stderr=True,
+            )
             self._live.start(refresh=True)
         else:
             self._print_line(now)
@@ -310,8 +329,9 @@ class StepProgressBar(ProgressBar):
             out["percent"] = f"{100 * min(step, total) / total:.0f}%"
         rate = self.samples_per_second(now)
         out["samples_per_s"] = f"{rate:.3g} samples/s" if rate is not None else "- samples/s"
-        metrics = {k: v for k, v in self._metrics.items()
-                   if k not in ("v_num", "perf/samples_per_s")}
+        metrics = {
+            k: v for k, v in self._metrics.items() if k not in ("v_num", "perf/samples_per_s")
+        }
         loss = metrics.pop("train/loss", metrics.pop("loss", None))
         out["loss"] = f"loss {_format_value(loss)}" if loss is not None else "loss -"
         for name, value in metrics.items():
@@ -323,8 +343,9 @@ class StepProgressBar(ProgressBar):
             out["eta"] = f"ETA {_format_seconds(eta)}" if eta is not None else "ETA -"
         return out
 
-    def eta_seconds(self, step: int, max_steps: int | None, now: float | None = None
-                    ) -> float | None:
+    def eta_seconds(
+        self, step: int, max_steps: int | None, now: float | None = None
+    ) -> float | None:
         """Seconds to ``max_steps`` at the step rate since training started in this process."""
         if self._start is None or not max_steps or max_steps <= 0:
             return None
@@ -360,8 +381,13 @@ class StepProgressBar(ProgressBar):
 
     def _print_line(self, now: float) -> None:
         self._last_line = (now, self._step)
-        self._console.print(" | ".join(self.status(now).values()), markup=False,
-                            highlight=False, emoji=False, soft_wrap=True)
+        self._console.print(
+            " | ".join(self.status(now).values()),
+            markup=False,
+            highlight=False,
+            emoji=False,
+            soft_wrap=True,
+        )
 
     def _renderable(self):
         from rich.progress_bar import ProgressBar as RichBar
@@ -372,8 +398,7 @@ class StepProgressBar(ProgressBar):
         grid = Table.grid(padding=(0, 1))
         row = [Text(fields.pop("step"), style="bold")]
         if self._total:
-            row.append(RichBar(total=self._total, completed=min(self._step, self._total),
-                               width=30))
+            row.append(RichBar(total=self._total, completed=min(self._step, self._total), width=30))
         row.append(Text(" • ".join(fields.values())))
         grid.add_row(*row)
         return grid
@@ -402,8 +427,10 @@ def _samples_in(batch: Any) -> int:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
-            for k, v in metrics.items()}
+    return {
+        k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+        for k, v in metrics.items()
+    }
 
 
 def _format_value(value: Any) -> str:
@@ -416,16 +443,21 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def make_progress_bar(enabled: bool = True, refresh_per_second: float = 2.0, leave: bool = True,
-                      log_every_s: float = 30.0) -> L.Callback:
+def make_progress_bar(
+    enabled: bool = True,
+    refresh_per_second: float = 2.0,
+    leave: bool = True,
+    log_every_s: float = 30.0,
+) -> L.Callback:
     """The :class:`StepProgressBar`, or a do-nothing callback when ``enabled`` is false.
 
     Lets the config follow ``trainer.enable_progress_bar``: Lightning refuses a progress-bar
     callback when the progress bar is disabled.
     """
     if enabled:
-        return StepProgressBar(refresh_per_second=refresh_per_second, leave=leave,
-                               log_every_s=log_every_s)
+        return StepProgressBar(
+            refresh_per_second=refresh_per_second, leave=leave, log_every_s=log_every_s
+        )
     return L.Callback()
 
 

@@ -161,8 +161,13 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         epoch, done = self.resume_position() if trainer is not None else (0, 0)
         _, world_size = self._rank_world()
-        return {"epoch": epoch, "batches_done": done, "num_workers": self.num_workers,
-                "world_size": world_size, "seed": self.seed}
+        return {
+            "epoch": epoch,
+            "batches_done": done,
+            "num_workers": self.num_workers,
+            "world_size": world_size,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         _, world_size = self._rank_world()

@@ -75,11 +75,17 @@ class PrepConfig:
     def fingerprint(self, num_inputs: int) -> dict[str, Any]:
         """Everything that determines shard content (not workers or parts)."""
         return {
-            "format": FORMAT_VERSION, "tool": self.tool, "prefix": self.prefix,
-            "resolution": self.resolution, "resize": self.resize,
-            "image_format": self.image_format, "quality": self.quality,
-            "samples_per_shard": self.samples_per_shard, "num_inputs": num_inputs,
-            "condition_types": self.condition_types, "settings": self.settings,
+            "format": FORMAT_VERSION,
+            "tool": self.tool,
+            "prefix": self.prefix,
+            "resolution": self.resolution,
+            "resize": self.resize,
+            "image_format": self.image_format,
+            "quality": self.quality,
+            "samples_per_shard": self.samples_per_shard,
+            "num_inputs": num_inputs,
+            "condition_types": self.condition_types,
+            "settings": self.settings,
         }
 
 
@@ -124,16 +130,29 @@ def _build_shard(task: tuple[str, int, Sequence[Any]]) -> dict[str, Any]:
             try:
                 yield maker.make(item)
             except RejectedInput as err:
-                rejected.append({"input": maker.describe(item), "reason": err.reason,
-                                 "detail": err.detail})
+                rejected.append(
+                    {"input": maker.describe(item), "reason": err.reason, "detail": err.detail}
+                )
             except Exception as err:  # one bad file must not kill a million-sample run
-                rejected.append({"input": maker.describe(item), "reason": type(err).__name__,
-                                 "detail": str(err)[:300]})
+                rejected.append(
+                    {
+                        "input": maker.describe(item),
+                        "reason": type(err).__name__,
+                        "detail": str(err)[:300],
+                    }
+                )
 
     count, nbytes = write_shard_atomic(path, samples())
-    return {"name": os.path.basename(path), "index": index, "num_samples": count,
-            "bytes": nbytes, "num_inputs": len(items), "rejected": rejected,
-            "seconds": time.perf_counter() - start, "pid": os.getpid()}
+    return {
+        "name": os.path.basename(path),
+        "index": index,
+        "num_samples": count,
+        "bytes": nbytes,
+        "num_inputs": len(items),
+        "rejected": rejected,
+        "seconds": time.perf_counter() - start,
+        "pid": os.getpid(),
+    }
 
 
 # --------------------------------------------------------------------------- driver side
@@ -180,7 +199,8 @@ def _check_config(cfg: PrepConfig, num_inputs: int) -> None:
             diff = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
             raise ShardSettingsError(
                 f"{cfg.out} holds shards built with different settings ({', '.join(diff)}); "
-                "use another --out or pass --overwrite")
+                "use another --out or pass --overwrite"
+            )
     else:
         write_json_atomic(path, fingerprint)
 
@@ -192,12 +212,15 @@ def is_finished(out: str, name: str) -> bool:
 
 def plan_shards(num_items: int, samples_per_shard: int) -> list[tuple[int, int, int]]:
     """(shard index, first item, end item) for every shard."""
-    return [(i, start, min(start + samples_per_shard, num_items))
-            for i, start in enumerate(range(0, num_items, samples_per_shard))]
+    return [
+        (i, start, min(start + samples_per_shard, num_items))
+        for i, start in enumerate(range(0, num_items, samples_per_shard))
+    ]
 
 
-def run_shards(items: Sequence[Any], maker: SampleMaker, cfg: PrepConfig,
-               extra: dict[str, Any] | None = None) -> RunSummary:
+def run_shards(
+    items: Sequence[Any], maker: SampleMaker, cfg: PrepConfig, extra: dict[str, Any] | None = None
+) -> RunSummary:
     """Build this part's unfinished shards in parallel, then rebuild the manifest.
 
     Raises :class:`ShardSettingsError` if ``cfg.out`` holds shards built with other content
@@ -209,17 +232,22 @@ def run_shards(items: Sequence[Any], maker: SampleMaker, cfg: PrepConfig,
     plan = plan_shards(len(items), cfg.samples_per_shard)
     mine = [p for p in plan if p[0] % cfg.num_parts == cfg.part_index]
     todo = [p for p in mine if not is_finished(cfg.out, shard_name(cfg.prefix, p[0]))]
-    tasks = [(os.path.join(cfg.out, shard_name(cfg.prefix, i)), i, list(items[a:b]))
-             for i, a, b in todo]
+    tasks = [
+        (os.path.join(cfg.out, shard_name(cfg.prefix, i)), i, list(items[a:b])) for i, a, b in todo
+    ]
     start = time.perf_counter()
     built = _execute(tasks, maker, cfg)
     wall = time.perf_counter() - start
     manifest = finalize_manifest(cfg, len(plan), len(items), extra or {})
     return RunSummary(
-        shards_built=len(built), shards_skipped=len(mine) - len(todo),
+        shards_built=len(built),
+        shards_skipped=len(mine) - len(todo),
         samples_written=sum(s["num_samples"] for s in built),
-        rejected=sum(len(s["rejected"]) for s in built), wall_seconds=wall,
-        worker_seconds=sum(s["seconds"] for s in built), manifest=manifest)
+        rejected=sum(len(s["rejected"]) for s in built),
+        wall_seconds=wall,
+        worker_seconds=sum(s["seconds"] for s in built),
+        manifest=manifest,
+    )
 
 
 def _execute(tasks: list, maker: SampleMaker, cfg: PrepConfig) -> list[dict[str, Any]]:
@@ -227,8 +255,13 @@ def _execute(tasks: list, maker: SampleMaker, cfg: PrepConfig) -> list[dict[str,
     shard completes so an interrupted run keeps what it finished."""
     done: list[dict[str, Any]] = []
     total = sum(len(t[2]) for t in tasks)
-    bar = tqdm(total=total, unit="sample", desc=f"{cfg.tool} part {cfg.part_index}",
-               disable=not cfg.progress or total == 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="sample",
+        desc=f"{cfg.tool} part {cfg.part_index}",
+        disable=not cfg.progress or total == 0,
+        dynamic_ncols=True,
+    )
 
     def record(stats: dict[str, Any]) -> None:
         write_json_atomic(_stats_path(cfg.out, stats["name"]), stats)
@@ -243,8 +276,9 @@ def _execute(tasks: list, maker: SampleMaker, cfg: PrepConfig) -> list[dict[str,
                 record(_build_shard(task))
         else:
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(min(cfg.workers, len(tasks)), initializer=_init_worker,
-                          initargs=(maker,)) as pool:
+            with ctx.Pool(
+                min(cfg.workers, len(tasks)), initializer=_init_worker, initargs=(maker,)
+            ) as pool:
                 for stats in pool.imap_unordered(_build_shard, tasks):
                     record(stats)
     finally:
@@ -265,12 +299,16 @@ def _load_all_stats(out: str) -> list[dict[str, Any]]:
     return stats
 
 
-def build_manifest(cfg: PrepConfig, num_shards: int, num_inputs: int,
-                   extra: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    cfg: PrepConfig, num_shards: int, num_inputs: int, extra: dict[str, Any]
+) -> dict[str, Any]:
     """The manifest from the stats of all finished shards (any part)."""
-    stats = [s for s in _load_all_stats(cfg.out)
-             if s["name"].startswith(cfg.prefix + "-")
-             and os.path.exists(os.path.join(cfg.out, s["name"]))]
+    stats = [
+        s
+        for s in _load_all_stats(cfg.out)
+        if s["name"].startswith(cfg.prefix + "-")
+        and os.path.exists(os.path.join(cfg.out, s["name"]))
+    ]
     stats.sort(key=lambda s: s["index"])
     rejected = [r | {"shard": s["name"]} for s in stats for r in s["rejected"]]
     return {
@@ -288,8 +326,15 @@ def build_manifest(cfg: PrepConfig, num_shards: int, num_inputs: int,
         "resize": cfg.resize,
         "samples_per_shard": cfg.samples_per_shard,
         "pattern": os.path.basename(brace_pattern(cfg.out, cfg.prefix, max(num_shards, 1))),
-        "shards": [{"name": s["name"], "num_samples": s["num_samples"], "bytes": s["bytes"],
-                    "num_rejected": len(s["rejected"])} for s in stats],
+        "shards": [
+            {
+                "name": s["name"],
+                "num_samples": s["num_samples"],
+                "bytes": s["bytes"],
+                "num_rejected": len(s["rejected"]),
+            }
+            for s in stats
+        ],
         "num_rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "rejected": rejected,
@@ -298,8 +343,9 @@ def build_manifest(cfg: PrepConfig, num_shards: int, num_inputs: int,
     }
 
 
-def finalize_manifest(cfg: PrepConfig, num_shards: int, num_inputs: int,
-                      extra: dict[str, Any]) -> dict[str, Any]:
+def finalize_manifest(
+    cfg: PrepConfig, num_shards: int, num_inputs: int, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Write the manifest; rebuild while other parts keep adding stats, so the last writer
     always sees every finished shard."""
     while True:

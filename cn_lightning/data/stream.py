@@ -32,8 +32,15 @@ from cn_lightning.data.format import (
 )
 from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
 
-SKIP_REASONS = ("open_error", "corrupt_tar", "missing_image", "missing_condition",
-                "decode_error", "size_mismatch", "bad_latent")
+SKIP_REASONS = (
+    "open_error",
+    "corrupt_tar",
+    "missing_image",
+    "missing_condition",
+    "decode_error",
+    "size_mismatch",
+    "bad_latent",
+)
 _CONDITION_EXTS = ("png", "jpg", "jpeg", "webp")
 _MAX_WARNINGS = 10
 _MAX_CONSECUTIVE_FAILURES = 10_000
@@ -71,8 +78,12 @@ class StreamConfig:
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 64-bit seed from integers (seed, rank, worker, step, epoch, ...)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
-               .astype(np.uint64).view(np.uint64)[0])
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
+        .generate_state(2)
+        .astype(np.uint64)
+        .view(np.uint64)[0]
+    )
 
 
 def check_enough_shards(num_shards: int, world_size: int, num_workers: int) -> None:
@@ -84,7 +95,8 @@ def check_enough_shards(num_shards: int, world_size: int, num_workers: int) -> N
             f"{max(1, num_workers)} worker(s) = {needed} readers, but there are only "
             f"{num_shards} shard(s): some readers would get no data and DDP would hang. Use "
             "resampled=True (the default), fewer num_workers, or more, smaller shards "
-            "(data_prep --samples-per-shard).")
+            "(data_prep --samples-per-shard)."
+        )
 
 
 class SkipCounter:
@@ -99,12 +111,18 @@ class SkipCounter:
         self.counts[reason] += 1
         self.first.setdefault(reason, f"{where}{f': {detail}' if detail else ''}")
         if sum(self.counts.values()) <= _MAX_WARNINGS:
-            log.warning(f"skipping {where} ({reason}){f': {detail}' if detail else ''}", all_ranks=True)
+            log.warning(
+                f"skipping {where} ({reason}){f': {detail}' if detail else ''}", all_ranks=True
+            )
 
     def describe(self) -> str:
         """One line: how many were skipped, by reason, with the first case of each."""
-        parts = [f"{reason} x{n} (first: {self.first[reason]})" for reason, n in self.counts.items()]
-        return f"{sum(self.counts.values())} skipped: " + "; ".join(parts) if parts else "none skipped"
+        parts = [
+            f"{reason} x{n} (first: {self.first[reason]})" for reason, n in self.counts.items()
+        ]
+        return (
+            f"{sum(self.counts.values())} skipped: " + "; ".join(parts) if parts else "none skipped"
+        )
 
     def take(self) -> int:
         total = sum(self.counts.values())
@@ -152,8 +170,9 @@ def _first(sample: dict, names: list[str]) -> bytes | None:
     return None
 
 
-def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
-                  counter: SkipCounter) -> dict | None:
+def decode_sample(
+    raw: dict, cfg: StreamConfig, rng: random.Random, counter: SkipCounter
+) -> dict | None:
     """Raw sample → ``{"image": (3,R,R) in [-1,1], "condition": (3,R,R) in [0,1], "prompt",
     "key"[, "latent": (C,h,w)]}``, or None (counted) if anything is missing or broken."""
     where = f"{raw['__url__']}:{raw['__key__']}"
@@ -170,15 +189,18 @@ def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
         counter.skip("decode_error", where, "image" if image is None else "condition")
         return None
     if image.shape[:2] != condition.shape[:2]:
-        counter.skip("size_mismatch", where, f"image {image.shape[:2]} vs condition "
-                     f"{condition.shape[:2]}")
+        counter.skip(
+            "size_mismatch", where, f"image {image.shape[:2]} vs condition {condition.shape[:2]}"
+        )
         return None
     out: dict = {}
     if cfg.use_cached_latents:
         try:
             if LATENT_EXT not in raw:
-                raise KeyError(f"no <key>.{LATENT_EXT} (use_cached_latents needs shards from "
-                               "data_prep.cache_latents)")
+                raise KeyError(
+                    f"no <key>.{LATENT_EXT} (use_cached_latents needs shards from "
+                    "data_prep.cache_latents)"
+                )
             latent = decode_npy(raw[LATENT_EXT])
             if latent.ndim != 3:
                 raise ValueError(f"expected a (C, h, w) array, got shape {latent.shape}")
@@ -188,12 +210,21 @@ def decode_sample(raw: dict, cfg: StreamConfig, rng: random.Random,
             return None
     crop = cfg.crop if cfg.training else "center"
     image, condition = paired_transform(
-        image, condition, cfg.resolution, crop=crop, flip=cfg.random_flip and cfg.training,
-        rng=rng, discrete_condition=is_discrete(cfg.condition_key))
+        image,
+        condition,
+        cfg.resolution,
+        crop=crop,
+        flip=cfg.random_flip and cfg.training,
+        rng=rng,
+        discrete_condition=is_discrete(cfg.condition_key),
+    )
     txt = raw.get("txt", b"")
-    out.update(image=image_to_tensor(image), condition=condition_to_tensor(condition),
-               prompt=txt.decode("utf-8", "replace").strip() if isinstance(txt, bytes) else txt,
-               key=str(raw["__key__"]))
+    out.update(
+        image=image_to_tensor(image),
+        condition=condition_to_tensor(condition),
+        prompt=txt.decode("utf-8", "replace").strip() if isinstance(txt, bytes) else txt,
+        key=str(raw["__key__"]),
+    )
     return out
 
 
@@ -213,7 +244,11 @@ def npy_header_ndim(data: bytes | None) -> int | None:
     try:
         buf = io.BytesIO(data)
         major, _ = np.lib.format.read_magic(buf)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
         shape, _, _ = read(buf)
         return len(shape)
     except Exception:
@@ -324,8 +359,10 @@ class ShardStream(IterableDataset):
             empty_run = 0 if got else empty_run + 1
             if empty_run > max(10, 2 * len(cfg.urls)):
                 # Endless/cycling modes would spin forever on unreadable shards.
-                raise RuntimeError(f"{empty_run} shards in a row gave no samples; "
-                                   f"skipped so far: {dict(counter.counts)}")
+                raise RuntimeError(
+                    f"{empty_run} shards in a row gave no samples; "
+                    f"skipped so far: {dict(counter.counts)}"
+                )
 
     @staticmethod
     def _skip_for(done: int, worker: int, num_workers: int) -> int:
@@ -389,8 +426,10 @@ class ShardStream(IterableDataset):
             if decoded is None:
                 failures += 1
                 if failures > _MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(f"{failures} samples in a row could not be used; "
-                                       f"skipped: {dict(counter.counts)}")
+                    raise RuntimeError(
+                        f"{failures} samples in a row could not be used; "
+                        f"skipped: {dict(counter.counts)}"
+                    )
                 continue
             decoded_any, failures = True, 0
             pending.append(decoded)
@@ -406,4 +445,5 @@ class ShardStream(IterableDataset):
             raise RuntimeError(
                 f"rank {cfg.rank}: the shards gave only {made} of {quota} batches "
                 f"({'no decodable samples' if not decoded_any else 'too few samples'}); "
-                f"skipped: {dict(counter.counts)}")
+                f"skipped: {dict(counter.counts)}"
+            )

@@ -27,16 +27,38 @@ from cn_lightning.data.transforms import apply_resize_policy
 
 # Named colours (CSS names, RGB) as in the fill50k prompts.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "orange": (255, 165, 0), "purple": (128, 0, 128), "pink": (255, 192, 203),
-    "brown": (165, 42, 42), "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128),
-    "cyan": (0, 255, 255), "magenta": (255, 0, 255), "navy": (0, 0, 128), "teal": (0, 128, 128),
-    "olive": (128, 128, 0), "maroon": (128, 0, 0), "lime": (0, 255, 0),
-    "light coral": (240, 128, 128), "cornflower blue": (100, 149, 237),
-    "dark slate blue": (72, 61, 139), "gold": (255, 215, 0), "salmon": (250, 128, 114),
-    "turquoise": (64, 224, 208), "violet": (238, 130, 238), "beige": (245, 245, 220),
-    "khaki": (240, 230, 140), "lavender": (230, 230, 250), "dark green": (0, 100, 0),
-    "sky blue": (135, 206, 235), "chocolate": (210, 105, 30), "indigo": (75, 0, 130),
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "orange": (255, 165, 0),
+    "purple": (128, 0, 128),
+    "pink": (255, 192, 203),
+    "brown": (165, 42, 42),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "navy": (0, 0, 128),
+    "teal": (0, 128, 128),
+    "olive": (128, 128, 0),
+    "maroon": (128, 0, 0),
+    "lime": (0, 255, 0),
+    "light coral": (240, 128, 128),
+    "cornflower blue": (100, 149, 237),
+    "dark slate blue": (72, 61, 139),
+    "gold": (255, 215, 0),
+    "salmon": (250, 128, 114),
+    "turquoise": (64, 224, 208),
+    "violet": (238, 130, 238),
+    "beige": (245, 245, 220),
+    "khaki": (240, 230, 140),
+    "lavender": (230, 230, 250),
+    "dark green": (0, 100, 0),
+    "sky blue": (135, 206, 235),
+    "chocolate": (210, 105, 30),
+    "indigo": (75, 0, 130),
 }
 _NAMES = sorted(COLOURS)
 CONDITION = "outline"
@@ -79,8 +101,13 @@ class CircleMaker(SampleMaker):
         target = apply_resize_policy(target, self.resolution, self.resize)
         # Binarise again after resizing: the condition is a clean 0/255 drawing.
         outline = np.where(outline > 127, 255, 0).astype(np.uint8)
-        meta = {"source": "synthetic_circles", "seed": self.seed, "index": item,
-                "original_size": [self.size, self.size], "condition": CONDITION}
+        meta = {
+            "source": "synthetic_circles",
+            "seed": self.seed,
+            "index": item,
+            "original_size": [self.size, self.size],
+            "condition": CONDITION,
+        }
         return {
             "__key__": f"{item:09d}",
             self.image_format: encode_image(target, self.image_format, self.quality),
@@ -90,37 +117,70 @@ class CircleMaker(SampleMaker):
         }
 
 
-def build_shards(out: str, num_samples: int, size: int, seed: int = 0,
-                 samples_per_shard: int = 1000, workers: int = 0,
-                 resolution: int | None = None, resize: str = "center_crop",
-                 image_format: str = "png", num_parts: int = 1, part_index: int = 0,
-                 overwrite: bool = False,
-                 progress: bool = True) -> tuple[RunSummary, PrepConfig]:
+def build_shards(
+    out: str,
+    num_samples: int,
+    size: int,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    workers: int = 0,
+    resolution: int | None = None,
+    resize: str = "center_crop",
+    image_format: str = "png",
+    num_parts: int = 1,
+    part_index: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[RunSummary, PrepConfig]:
     """Build circle shards in ``out`` (resumable); returns the run summary and config.
 
     Raises :class:`cn_lightning.data.shard_writer.ShardSettingsError` if ``out`` holds shards
     built with other settings (and ``overwrite`` is off)."""
     cfg = PrepConfig(
-        out=out, prefix="circles", tool="synthetic_circles", resolution=resolution,
-        resize=resize, image_format=image_format, quality=95,
-        samples_per_shard=samples_per_shard, workers=workers, num_parts=num_parts,
-        part_index=part_index, condition_types=[CONDITION],
-        settings={"seed": seed, "size": size}, overwrite=overwrite, progress=progress)
+        out=out,
+        prefix="circles",
+        tool="synthetic_circles",
+        resolution=resolution,
+        resize=resize,
+        image_format=image_format,
+        quality=95,
+        samples_per_shard=samples_per_shard,
+        workers=workers,
+        num_parts=num_parts,
+        part_index=part_index,
+        condition_types=[CONDITION],
+        settings={"seed": seed, "size": size},
+        overwrite=overwrite,
+        progress=progress,
+    )
     maker = CircleMaker(size, seed, resolution, resize, image_format, 95)
     return run_shards(range(num_samples), maker, cfg), cfg
 
 
-def ensure_shards(out: str, num_samples: int, size: int, seed: int = 0,
-                  samples_per_shard: int = 500) -> str:
+def ensure_shards(
+    out: str, num_samples: int, size: int, seed: int = 0, samples_per_shard: int = 500
+) -> str:
     """Build the circle shards in ``out`` unless a complete matching set is there already;
     return their brace pattern. Used by the quickstart's ``prepare:`` config entry."""
     manifest = read_manifest(out)
     wanted = {"seed": seed, "size": size}
-    if not (manifest and manifest.get("complete") and manifest.get("settings") == wanted
-            and manifest.get("num_inputs") == num_samples
-            and manifest.get("samples_per_shard") == samples_per_shard):
-        summary, _ = build_shards(out, num_samples, size, seed, samples_per_shard,
-                                  workers=0, overwrite=manifest is not None, progress=False)
+    if not (
+        manifest
+        and manifest.get("complete")
+        and manifest.get("settings") == wanted
+        and manifest.get("num_inputs") == num_samples
+        and manifest.get("samples_per_shard") == samples_per_shard
+    ):
+        summary, _ = build_shards(
+            out,
+            num_samples,
+            size,
+            seed,
+            samples_per_shard,
+            workers=0,
+            overwrite=manifest is not None,
+            progress=False,
+        )
         manifest = summary.manifest
     return os.path.join(out, manifest["pattern"])
 
@@ -138,6 +198,7 @@ def write_fill50k_layout(out: str, num_samples: int, size: int, seed: int) -> No
         cv2.imwrite(os.path.join(out, tgt), cv2.cvtColor(target, cv2.COLOR_RGB2BGR))
         lines.append(json.dumps({"source": src, "target": tgt, "prompt": prompt}))
     write_text_atomic(os.path.join(out, "prompt.json"), "\n".join(lines) + "\n")
-    write_json_atomic(os.path.join(out, "layout.json"),
-                      {"layout": "fill50k", "num_samples": num_samples, "size": size,
-                       "seed": seed})
+    write_json_atomic(
+        os.path.join(out, "layout.json"),
+        {"layout": "fill50k", "num_samples": num_samples, "size": size, "seed": seed},
+    )

@@ -48,8 +48,9 @@ def center_crop_resize(image: np.ndarray, size: int, discrete: bool = False) -> 
     return image[y : y + size, x : x + size]
 
 
-def apply_resize_policy(image: np.ndarray, resolution: int | None, mode: str,
-                        discrete: bool = False) -> np.ndarray:
+def apply_resize_policy(
+    image: np.ndarray, resolution: int | None, mode: str, discrete: bool = False
+) -> np.ndarray:
     """The data_prep resize policy: ``center_crop`` (default), ``shorter_side`` or ``none``."""
     if resolution is None or mode == "none":
         return image

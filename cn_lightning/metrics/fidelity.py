@@ -91,7 +91,9 @@ def resolve_fidelity(
         log.warning(f"fidelity for {condition_key!r}: comparing Canny edges of the samples")
         extractor = get_extractor("canny")
     if metric == "seg_miou" and extractor is None:
-        log.warning(f"fidelity for {condition_key!r}: no segmenter configured, falling back to SSIM")
+        log.warning(
+            f"fidelity for {condition_key!r}: no segmenter configured, falling back to SSIM"
+        )
         metric = "ssim"
     return metric, extractor
 
@@ -240,11 +242,15 @@ def edge_f1(pred: Tensor, target: Tensor, tolerance: int | None = None) -> Tenso
         tolerance = max(1, round(0.0075 * math.hypot(*pred.shape[-2:])))
     pred, target = pred.bool(), target.bool()
     precision = binary_precision(
-        pred.long(), _dilate(target, tolerance).long(), multidim_average="samplewise",
+        pred.long(),
+        _dilate(target, tolerance).long(),
+        multidim_average="samplewise",
         validate_args=False,
     )
     recall = binary_recall(
-        _dilate(pred, tolerance).long(), target.long(), multidim_average="samplewise",
+        _dilate(pred, tolerance).long(),
+        target.long(),
+        multidim_average="samplewise",
         validate_args=False,
     )
     f1 = torch.where(
@@ -281,8 +287,12 @@ def seg_miou(predicted_map: Tensor, condition: Tensor) -> Tensor:
         target[target < 0] = num_classes
         scores.append(
             multiclass_jaccard_index(
-                pred[None], target[None], num_classes=num_classes + 1, average="macro",
-                ignore_index=num_classes, validate_args=False,
+                pred[None],
+                target[None],
+                num_classes=num_classes + 1,
+                average="macro",
+                ignore_index=num_classes,
+                validate_args=False,
             )
         )
     return torch.stack(scores)
@@ -293,7 +303,10 @@ def ssim_score(images: Tensor, condition: Tensor) -> Tensor:
     """SSIM of greyscale versions of (B, 3, H, W) images in [0, 1], clipped to [0, 1], (B,)."""
     kernel = min(11, _odd_at_most(min(images.shape[-2:])))
     ssim = structural_similarity_index_measure(
-        _grey(images)[:, None], _grey(condition)[:, None], data_range=1.0, reduction="none",
+        _grey(images)[:, None],
+        _grey(condition)[:, None],
+        data_range=1.0,
+        reduction="none",
         kernel_size=kernel,
     )
     return ssim.clamp(0, 1)
@@ -362,7 +375,10 @@ class ConditionFidelity(torchmetrics.Metric):
 
     def update(self, generated: Tensor, condition: Tensor) -> None:
         scores = condition_fidelity(
-            generated, condition, self.condition_key, tolerance=self.tolerance,
+            generated,
+            condition,
+            self.condition_key,
+            tolerance=self.tolerance,
             _resolved=self._resolved,
         )
         self.score_sum += scores[self.metric_name].sum().to(self.score_sum)

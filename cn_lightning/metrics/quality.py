@@ -35,12 +35,16 @@ def build_fid(weights_path: str, feature: int = 2048) -> torchmetrics.Metric:
 
     path = Path(os.path.expanduser(weights_path))
     if not path.is_file():
-        raise ConfigError(f"FID Inception weights {str(path)!r} not found: expected {INCEPTION_HINT}")
+        raise ConfigError(
+            f"FID Inception weights {str(path)!r} not found: expected {INCEPTION_HINT}"
+        )
     # torch-fidelity reads the file with torch.load(weights_only=False): check it first, so a
     # downloaded pickle that would run code is refused before it is unpickled.
     verify_safe_checkpoint(path)
     try:
-        return FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=str(path))
+        return FrechetInceptionDistance(
+            feature=feature, normalize=True, feature_extractor_weights_path=str(path)
+        )
     except (RuntimeError, KeyError, OSError, EOFError, ValueError) as err:
         raise ConfigError(
             f"{str(path)!r} is not an Inception weights file ({INCEPTION_HINT}): {first_line(err)}"
@@ -57,7 +61,9 @@ class ClipScore(torchmetrics.Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -66,7 +72,9 @@ class ClipScore(torchmetrics.Metric):
     @torch.no_grad()
     def scores(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         device = next(self.model.parameters()).device
-        pixels = torch.stack([self.preprocess(Image.fromarray(to_uint8(im))) for im in images]).to(device)
+        pixels = torch.stack([self.preprocess(Image.fromarray(to_uint8(im))) for im in images]).to(
+            device
+        )
         image_emb = self.model.encode_image(pixels).float()
         text_emb = self.model.encode_text(self.tokenizer(list(prompts)).to(device)).float()
         cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
@@ -87,18 +95,29 @@ def build_clip_score(model_name: str, weights: str | None) -> ClipScore:
     if model_name.startswith("local-dir:"):
         folder = Path(os.path.expanduser(model_name.removeprefix("local-dir:")))
         if not (folder / "open_clip_config.json").is_file():
-            raise ConfigError(f"--clip-model {model_name!r}: no open_clip_config.json in {str(folder)!r}")
+            raise ConfigError(
+                f"--clip-model {model_name!r}: no open_clip_config.json in {str(folder)!r}"
+            )
         name, kwargs = f"local-dir:{folder}", {"weights_only": True}
         pickled = [f for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     else:
         if weights is None:
-            raise ConfigError(f"--clip-model {model_name!r} needs --clip-weights: a local open_clip weights file")
+            raise ConfigError(
+                f"--clip-model {model_name!r} needs --clip-weights: a local open_clip weights file"
+            )
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
-            raise ConfigError(f"CLIP weights {str(path)!r} not found: expected a local open_clip checkpoint file")
+            raise ConfigError(
+                f"CLIP weights {str(path)!r} not found: expected a local open_clip checkpoint file"
+            )
         if model_name not in open_clip.list_models():
-            raise ConfigError(f"unknown open_clip architecture {model_name!r} (see open_clip.list_models())")
-        name, kwargs = model_name, {"pretrained": str(path), "load_weights": True, "weights_only": True}
+            raise ConfigError(
+                f"unknown open_clip architecture {model_name!r} (see open_clip.list_models())"
+            )
+        name, kwargs = (
+            model_name,
+            {"pretrained": str(path), "load_weights": True, "weights_only": True},
+        )
         pickled = [] if path.suffix == ".safetensors" else [path]
     for file in pickled:  # a refused pickle gets our one-line error (open_clip's is a traceback)
         verify_safe_checkpoint(file)

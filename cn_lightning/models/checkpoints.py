@@ -98,7 +98,9 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_strict(model_class: type, config: Mapping[str, Any], state: Mapping[str, Tensor], what: str) -> Any:
+def load_strict(
+    model_class: type, config: Mapping[str, Any], state: Mapping[str, Tensor], what: str
+) -> Any:
     """A ``model_class`` of ``config`` holding exactly ``state`` (fp32 CPU tensors taken as they are).
 
     The model is built on the meta device (no random init, no double memory) and loaded strictly:
@@ -120,7 +122,9 @@ def load_strict(model_class: type, config: Mapping[str, Any], state: Mapping[str
     return model.eval()
 
 
-def config_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+def config_mismatch(
+    mine: Mapping[str, Any], theirs: Mapping[str, Any], keys: tuple[str, ...]
+) -> str | None:
     """The first of ``keys`` on which two model configs disagree, as ``"its K is A, ... is B"``."""
 
     def norm(value: Any) -> list:  # an int and a one-element list say the same
@@ -170,7 +174,9 @@ def newest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory written by DeepSpeed's ``save_checkpoint`` (Lightning's ``*.ckpt/``)."""
     path = Path(path)
-    return path.is_dir() and ((path / "latest").is_file() or any(_has_zero_files(p) for p in path.glob("*")))
+    return path.is_dir() and (
+        (path / "latest").is_file() or any(_has_zero_files(p) for p in path.glob("*"))
+    )
 
 
 def _has_zero_files(tag_dir: Path) -> bool:
@@ -205,7 +211,9 @@ def _lightning_state_file(checkpoint: Path) -> Path | None:
     a DeepSpeed directory (its client state)."""
     if checkpoint.is_file():
         return checkpoint
-    files = sorted(checkpoint.glob("*/mp_rank_00_model_states.pt")) or sorted(checkpoint.glob("*/*model_states.pt"))
+    files = sorted(checkpoint.glob("*/mp_rank_00_model_states.pt")) or sorted(
+        checkpoint.glob("*/*model_states.pt")
+    )
     return files[0] if files else None
 
 
@@ -220,7 +228,9 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is the user's input error
-        raise CheckpointFormatError(f"cannot read checkpoint {str(path)!r}: {first_line(err)}") from err
+        raise CheckpointFormatError(
+            f"cannot read checkpoint {str(path)!r}: {first_line(err)}"
+        ) from err
     return int(state.get("global_step", 0)) if isinstance(state, dict) else 0
 
 
@@ -281,11 +291,15 @@ def _load_zero_checkpoint(path: Path) -> dict[str, Tensor]:
     tag = None if (path / "latest").is_file() else _single_tag(path)
     with safe_torch_loads_in("deepspeed.utils.zero_to_fp32"):
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(path), tag=tag, exclude_frozen_parameters=True
+            )
         except (UnsafeCheckpointError, CheckpointFormatError):
             raise
         except Exception as err:  # noqa: BLE001 - a damaged directory is the user's input error
-            raise CheckpointFormatError(f"cannot read DeepSpeed checkpoint {str(path)!r}: {first_line(err)}") from err
+            raise CheckpointFormatError(
+                f"cannot read DeepSpeed checkpoint {str(path)!r}: {first_line(err)}"
+            ) from err
 
 
 def _single_tag(path: Path) -> str:
@@ -301,7 +315,9 @@ def _load_lightning_file(path: Path) -> dict[str, Tensor]:
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise CheckpointFormatError(f"cannot read checkpoint {str(path)!r}: {first_line(err)}") from err
+        raise CheckpointFormatError(
+            f"cannot read checkpoint {str(path)!r}: {first_line(err)}"
+        ) from err
     if not isinstance(checkpoint, dict):
         raise CheckpointFormatError(f"{str(path)!r} does not hold a dict")
     return checkpoint.get("state_dict", checkpoint)
@@ -368,7 +384,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().__init__()
         install_safe_loading()
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if isinstance(checkpoint.get(key), Mapping):
                 checkpoint = {**checkpoint, key: plain_hparams(checkpoint[key], resolve=True)}
@@ -411,7 +429,9 @@ class TrainedWeights:
 def load_trained_weights(src: str | os.PathLike) -> TrainedWeights:
     """Trainable weights + hyperparameters of a Lightning checkpoint, DeepSpeed dir or run dir."""
     checkpoint = find_checkpoint(src)
-    return TrainedWeights(load_trainable_state_dict(checkpoint), read_hparams(checkpoint), checkpoint)
+    return TrainedWeights(
+        load_trainable_state_dict(checkpoint), read_hparams(checkpoint), checkpoint
+    )
 
 
 # ------------------------------------------------------------------------------ ControlNet configs
@@ -419,7 +439,9 @@ def hint_encoder_of(state_dict: Mapping[str, Tensor]) -> tuple[list[int], int]:
     """``(conditioning_embedding_out_channels, conditioning_channels)`` from diffusers-keyed tensors."""
     conv_in = state_dict.get("controlnet_cond_embedding.conv_in.weight")
     if conv_in is None:
-        raise CheckpointFormatError("no controlnet_cond_embedding.conv_in.weight: not a ControlNet state dict")
+        raise CheckpointFormatError(
+            "no controlnet_cond_embedding.conv_in.weight: not a ControlNet state dict"
+        )
     channels = [int(conv_in.shape[0])]
     k = 1
     while f"controlnet_cond_embedding.blocks.{k}.weight" in state_dict:
@@ -490,10 +512,14 @@ def resolve_controlnet_config(
         unet_config = UNet2DConditionModel.load_config(str(base_path / UNET_FOLDER))
     if unet_config is not None:
         return controlnet_config_from_unet(unet_config, state_dict)
-    return shipped_controlnet_config(state_dict, hint_encoder_of(state_dict), hparams.get("variant"))
+    return shipped_controlnet_config(
+        state_dict, hint_encoder_of(state_dict), hparams.get("variant")
+    )
 
 
-def original_controlnet_config(state_dict: Mapping[str, Tensor], unet: Any | None = None) -> dict[str, Any]:
+def original_controlnet_config(
+    state_dict: Mapping[str, Tensor], unet: Any | None = None
+) -> dict[str, Any]:
     """The diffusers ``ControlNetModel`` config of an original-format ControlNet: ``from_unet`` of
     ``unet`` (the base model it will drive), else the shipped SD1.5 / SD2.1 config its
     cross-attention width names. The condition encoder always comes from the tensors."""
@@ -504,7 +530,9 @@ def original_controlnet_config(state_dict: Mapping[str, Tensor], unet: Any | Non
 
 
 # ------------------------------------------------------------------------------ reading ControlNets
-def load_controlnet(path: str | os.PathLike, unet: UNet2DConditionModel | None = None) -> ControlNetModel:
+def load_controlnet(
+    path: str | os.PathLike, unet: UNet2DConditionModel | None = None
+) -> ControlNetModel:
     """A released or exported ControlNet in fp32: a diffusers folder or an original-format file
     (whose architecture comes from ``unet`` when given)."""
     path = Path(os.path.expanduser(str(path)))
@@ -515,8 +543,12 @@ def load_controlnet(path: str | os.PathLike, unet: UNet2DConditionModel | None =
         )
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise BackboneLoadError(f"{str(path)!r} is not a diffusers ControlNet folder: no config.json in it")
-        return ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32).eval()
+            raise BackboneLoadError(
+                f"{str(path)!r} is not a diffusers ControlNet folder: no config.json in it"
+            )
+        return ControlNetModel.from_pretrained(
+            path, local_files_only=True, torch_dtype=torch.float32
+        ).eval()
     return load_original_controlnet(path, unet=unet)
 
 
@@ -549,7 +581,9 @@ def load_any_controlnet(
     if path.is_dir() and (path / "config.json").is_file():
         return load_controlnet(path), None
     if path.is_file() and is_original_format(path):
-        return load_original_controlnet(path, unet=unet if unet is not None else _meta_unet(base)), None
+        return load_original_controlnet(
+            path, unet=unet if unet is not None else _meta_unet(base)
+        ), None
     weights = load_trained_weights(path)
     config = resolve_controlnet_config(
         weights.controlnet_state_dict, weights.hparams, base, None if unet is None else unet.config
@@ -572,7 +606,9 @@ def _top_level_keys(path: Path) -> list[str]:
             with safe_open(str(path), framework="pt") as f:
                 return list(f.keys())
         except Exception as err:  # noqa: BLE001 - an unreadable file is the user's input error
-            raise CheckpointFormatError(f"cannot read {str(path)!r} as safetensors: {first_line(err)}") from err
+            raise CheckpointFormatError(
+                f"cannot read {str(path)!r} as safetensors: {first_line(err)}"
+            ) from err
     try:
         data = safe_torch_load(path, mmap=True)
     except UnsafeCheckpointError:
@@ -588,7 +624,9 @@ def _meta_unet(base: str | None) -> UNet2DConditionModel | None:
         return None
     unet_dir = Path(os.path.expanduser(base)) / UNET_FOLDER
     if not unet_dir.is_dir():
-        raise ConfigError(f"--base {base!r} is not a diffusers Stable Diffusion directory (no unet/)")
+        raise ConfigError(
+            f"--base {base!r} is not a diffusers Stable Diffusion directory (no unet/)"
+        )
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(unet_dir)))
 
@@ -601,7 +639,9 @@ def original_unet_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_unet{path.suffix}")
 
 
-def overlay_decoder(unet: UNet2DConditionModel, decoder: Mapping[str, Tensor]) -> UNet2DConditionModel:
+def overlay_decoder(
+    unet: UNet2DConditionModel, decoder: Mapping[str, Tensor]
+) -> UNet2DConditionModel:
     """Put the trained ``decoder`` tensors into ``unet`` (in place, in ``unet``'s dtype); returns it.
 
     Every decoder tensor of ``unet`` must be given, with the right shape, and nothing else:
@@ -610,7 +650,9 @@ def overlay_decoder(unet: UNet2DConditionModel, decoder: Mapping[str, Tensor]) -
     own = unet.state_dict()
     expected = {k for k in own if k.startswith(DECODER_PREFIXES)}
     missing, unexpected = sorted(expected - set(decoder)), sorted(set(decoder) - expected)
-    wrong = sorted(k for k in set(decoder) & expected if tuple(decoder[k].shape) != tuple(own[k].shape))
+    wrong = sorted(
+        k for k in set(decoder) & expected if tuple(decoder[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or wrong:
         raise CheckpointFormatError(
             f"the fine-tuned UNet decoder does not fit the base UNet: {len(missing)} missing "
@@ -632,7 +674,9 @@ def load_base_unet(base: str | os.PathLike, variant: str | None = None) -> UNet2
                 path / UNET_FOLDER, local_files_only=True, torch_dtype=torch.float32
             )
         except (OSError, ValueError) as err:
-            raise BackboneLoadError(f"cannot load the UNet of {str(path)!r}: {first_line(err)}") from err
+            raise BackboneLoadError(
+                f"cannot load the UNet of {str(path)!r}: {first_line(err)}"
+            ) from err
     return load_backbone(path, "fp32", variant=variant).unet
 
 
@@ -660,7 +704,9 @@ def unet_from_original_file(path: str | os.PathLike, config: Mapping) -> UNet2DC
     return load_strict(UNet2DConditionModel, config, converted, f"{path}")
 
 
-def check_same_architecture(unet: UNet2DConditionModel, base_unet: UNet2DConditionModel, name: str) -> None:
+def check_same_architecture(
+    unet: UNet2DConditionModel, base_unet: UNet2DConditionModel, name: str
+) -> None:
     """Refuse, in one line, a fine-tuned UNet that cannot stand in for the base model's."""
     problem = config_mismatch(unet.config, base_unet.config, UNET_ARCHITECTURE_KEYS)
     if problem:
@@ -685,7 +731,9 @@ class CompanionUNet:
     folder: Path | None = None
     original: Path | None = None
 
-    def build(self, base_unet: UNet2DConditionModel, dtype: torch.dtype | None = None) -> UNet2DConditionModel:
+    def build(
+        self, base_unet: UNet2DConditionModel, dtype: torch.dtype | None = None
+    ) -> UNet2DConditionModel:
         """The fine-tuned UNet, in ``dtype`` (default ``base_unet``'s).
 
         ``base_unet`` is the base model's UNet: with ``decoder`` it receives the trained tensors
@@ -697,14 +745,18 @@ class CompanionUNet:
                 base_unet.to(dtype=dtype)
             return overlay_decoder(base_unet, self.decoder)
         if self.folder is not None:
-            unet = UNet2DConditionModel.from_pretrained(self.folder, local_files_only=True, torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(
+                self.folder, local_files_only=True, torch_dtype=dtype
+            )
         else:
             unet = unet_from_original_file(self.original, dict(base_unet.config)).to(dtype=dtype)
         check_same_architecture(unet, base_unet, self.source)
         return unet.eval()
 
 
-def find_companion_unet(src: str | os.PathLike, decoder: Mapping[str, Tensor] | None = None) -> CompanionUNet | None:
+def find_companion_unet(
+    src: str | os.PathLike, decoder: Mapping[str, Tensor] | None = None
+) -> CompanionUNet | None:
     """The fine-tuned UNet that goes with the ControlNet ``src``, or ``None`` (a locked decoder).
 
     * a training checkpoint / run directory / DeepSpeed directory (``decoder`` given, the
@@ -742,7 +794,9 @@ def load_companion_unet(
     A checkpoint holds only the trained decoder: the rest of the UNet comes from its base model
     (``base``, else the checkpoint's ``pretrained_model_path``), which must then be at hand.
     """
-    companion = find_companion_unet(src, weights.decoder_state_dict if weights is not None else None)
+    companion = find_companion_unet(
+        src, weights.decoder_state_dict if weights is not None else None
+    )
     if companion is None:
         return None
     if companion.decoder is not None:
@@ -760,7 +814,9 @@ def load_companion_unet(
             )
         return trained_unet(base_path, companion.decoder, weights.hparams.get("variant"))
     if companion.folder is not None:
-        return UNet2DConditionModel.from_pretrained(companion.folder, local_files_only=True, torch_dtype=torch.float32)
+        return UNet2DConditionModel.from_pretrained(
+            companion.folder, local_files_only=True, torch_dtype=torch.float32
+        )
     return unet_from_original_file(companion.original, _unet_config(controlnet, base))
 
 
@@ -798,7 +854,9 @@ def save_unet_folder(unet: UNet2DConditionModel, out: str | os.PathLike) -> Path
     return out
 
 
-def save_original(state_dict: Mapping[str, Tensor], path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_original(
+    state_dict: Mapping[str, Tensor], path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
     """Write ``state_dict`` atomically: ``.safetensors``, or a pickled dict for ``.pth/.pt/.ckpt``.
 
     ``dtype`` casts floating-point tensors (e.g. ``torch.float16`` for a 723 MB SD1.5 ControlNet).
@@ -864,9 +922,13 @@ def export_controlnet(
     out = Path(out)
     if fmt == "diffusers":
         if out.suffix.lower() in WRITABLE_SUFFIXES:
-            raise ConfigError(f"--out {str(out)!r} looks like a file; --format diffusers writes a folder")
+            raise ConfigError(
+                f"--out {str(out)!r} looks like a file; --format diffusers writes a folder"
+            )
         controlnet = controlnet.to(dtype=torch_dtype)
-        path = save_controlnet_folder(controlnet, out, None if unet is None else unet.to(dtype=torch_dtype))
+        path = save_controlnet_folder(
+            controlnet, out, None if unet is None else unet.to(dtype=torch_dtype)
+        )
         where = path / UNET_FOLDER
     else:
         path = out.with_suffix(".safetensors") if out.suffix == "" else out
@@ -894,10 +956,14 @@ def export_from_trainer(trainer, module, out: str | os.PathLike) -> None:
     state = gather_trainable_state_dict(trainer, module)
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
-        raise NumericsError(f"not exporting {out}: {len(bad)} trained tensors are not finite (e.g. {bad[0]})")
+        raise NumericsError(
+            f"not exporting {out}: {len(bad)} trained tensors are not finite (e.g. {bad[0]})"
+        )
     if trainer.is_global_zero:
         weights = strip_prefix(state, CONTROLNET_PREFIX)
-        controlnet = load_strict(ControlNetModel, module.controlnet.config, weights, "the trained ControlNet")
+        controlnet = load_strict(
+            ControlNetModel, module.controlnet.config, weights, "the trained ControlNet"
+        )
         save_controlnet_folder(controlnet, out)
         log.info(f"exported ControlNet to {out}")
         decoder = strip_prefix(state, UNET_PREFIX)
@@ -905,5 +971,7 @@ def export_from_trainer(trainer, module, out: str | os.PathLike) -> None:
             hparams = module.hparams
             unet = trained_unet(hparams.pretrained_model_path, decoder, hparams.get("variant"))
             save_unet_folder(unet, out.parent / UNET_FOLDER)
-            log.info(f"exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}")
+            log.info(
+                f"exported the fine-tuned UNet (sd_locked=false) to {out.parent / UNET_FOLDER}"
+            )
     trainer.strategy.barrier("export_controlnet")

@@ -68,7 +68,9 @@ def _resnet_suffix(suffix: str) -> str:
 
 def _encoder_rules(layers_per_block: int) -> list[_Rule]:
     """Rules for the parts the ControlNet shares with the UNet: time embedding, input and middle blocks."""
-    step = layers_per_block + 1  # input_blocks per down block: its resnets (+attention) then a downsampler
+    step = (
+        layers_per_block + 1
+    )  # input_blocks per down block: its resnets (+attention) then a downsampler
 
     def slot(m: re.Match[str]) -> int:
         b, j = int(m["b"]), int(m["j"])
@@ -115,14 +117,23 @@ def _controlnet_rules(layers_per_block: int) -> list[_Rule]:
         return f"input_hint_block.{2 * (int(m['k']) + 1)}.{m['rest']}"
 
     extra: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (r"controlnet_cond_embedding\.conv_in\.(?P<rest>weight|bias)", lambda m: f"input_hint_block.0.{m['rest']}"),
+        (
+            r"controlnet_cond_embedding\.conv_in\.(?P<rest>weight|bias)",
+            lambda m: f"input_hint_block.0.{m['rest']}",
+        ),
         (r"controlnet_cond_embedding\.blocks\.(?P<k>\d+)\.(?P<rest>weight|bias)", hint_block),
         (
             r"controlnet_cond_embedding\.conv_out\.(?P<rest>weight|bias)",
             lambda m: f"input_hint_block.{_HINT_CONV_OUT_INDEX}.{m['rest']}",
         ),
-        (r"controlnet_down_blocks\.(?P<k>\d+)\.(?P<rest>weight|bias)", lambda m: f"zero_convs.{m['k']}.0.{m['rest']}"),
-        (r"controlnet_mid_block\.(?P<rest>weight|bias)", lambda m: f"middle_block_out.0.{m['rest']}"),
+        (
+            r"controlnet_down_blocks\.(?P<k>\d+)\.(?P<rest>weight|bias)",
+            lambda m: f"zero_convs.{m['k']}.0.{m['rest']}",
+        ),
+        (
+            r"controlnet_mid_block\.(?P<rest>weight|bias)",
+            lambda m: f"middle_block_out.0.{m['rest']}",
+        ),
     ]
     return [(re.compile(p), f) for p, f in extra] + _encoder_rules(layers_per_block)
 
@@ -154,7 +165,9 @@ def _unet_decoder_rules(config: Mapping[str, Any]) -> list[_Rule]:
     return [(re.compile(p), f) for p, f in rules]
 
 
-def _apply_rules(state_dict: Mapping[str, Tensor], rules: list[_Rule], prefix: str, what: str) -> dict[str, Tensor]:
+def _apply_rules(
+    state_dict: Mapping[str, Tensor], rules: list[_Rule], prefix: str, what: str
+) -> dict[str, Tensor]:
     """Rename every key with the first matching rule; any key no rule covers is an error."""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -164,7 +177,9 @@ def _apply_rules(state_dict: Mapping[str, Tensor], rules: list[_Rule], prefix: s
                 new_key = prefix + target(m)
                 break
         else:
-            raise CheckpointFormatError(f"{what} state dict has a key with no original-format equivalent: {key!r}")
+            raise CheckpointFormatError(
+                f"{what} state dict has a key with no original-format equivalent: {key!r}"
+            )
         if new_key in out:
             raise CheckpointFormatError(f"{what} state dict maps two keys to {new_key!r}")
         out[new_key] = value
@@ -181,7 +196,9 @@ def _check_hint_encoder(config: Mapping[str, Any]) -> None:
         )
 
 
-def controlnet_to_original(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+def controlnet_to_original(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> dict[str, Tensor]:
     """Map a diffusers ``ControlNetModel`` state dict to the original ``control_model.*`` keys.
 
     ``config`` is the model's config (``model.config`` or its ``config.json``); only
@@ -193,7 +210,9 @@ def controlnet_to_original(state_dict: Mapping[str, Tensor], config: Mapping[str
     return _apply_rules(state_dict, rules, CONTROL_PREFIX, "ControlNet")
 
 
-def unet_to_original(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+def unet_to_original(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> dict[str, Tensor]:
     """Map a diffusers ``UNet2DConditionModel`` state dict to LDM ``model.diffusion_model.*`` keys.
 
     The inverse of diffusers' ``convert_ldm_unet_checkpoint`` (e.g. to export a UNet whose decoder
@@ -203,7 +222,9 @@ def unet_to_original(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
     return _apply_rules(state_dict, rules, UNET_PREFIX, "UNet")
 
 
-def original_to_controlnet(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+def original_to_controlnet(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> dict[str, Tensor]:
     """Map an original ``control_model.*`` state dict to diffusers keys with diffusers' own converter.
 
     Accepts keys with or without the ``control_model.`` prefix (as diffusers does). Class/label
@@ -221,7 +242,9 @@ def original_to_controlnet(state_dict: Mapping[str, Tensor], config: Mapping[str
     return converted
 
 
-def _label_embeddings_to_diffusers(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+def _label_embeddings_to_diffusers(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> dict[str, Tensor]:
     """The class/addition embedding keys, inverse of ``_FIXED`` for the ``label_emb`` entries."""
     has_prefix = any(k.startswith(CONTROL_PREFIX) for k in state_dict)
     prefix = CONTROL_PREFIX if has_prefix else ""
@@ -246,13 +269,22 @@ def _label_embeddings_to_diffusers(state_dict: Mapping[str, Tensor], config: Map
 
 
 # ------------------------------------------------------------------------------------- import
-_HINT_STAGE_KEYS = ("input_hint_block.0", "input_hint_block.4", "input_hint_block.8", "input_hint_block.12")
+_HINT_STAGE_KEYS = (
+    "input_hint_block.0",
+    "input_hint_block.4",
+    "input_hint_block.8",
+    "input_hint_block.12",
+)
 
 
 def strip_control_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``control_model.`` prefix (and any other top-level keys) if the file has one."""
     if any(k.startswith(CONTROL_PREFIX) for k in state_dict):
-        return {k[len(CONTROL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+        return {
+            k[len(CONTROL_PREFIX) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(CONTROL_PREFIX)
+        }
     return dict(state_dict)
 
 

@@ -44,8 +44,9 @@ class FrozenPartsMixin:
         return self
 
 
-def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str],
-                  device: torch.device) -> torch.Tensor:
+def encode_prompt(
+    tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], device: torch.device
+) -> torch.Tensor:
     """Prompts to text-encoder hidden states, (B, tokens, hidden), padded to the model's length."""
     ids = tokenizer(
         list(prompts),
@@ -57,15 +58,17 @@ def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[st
     return text_encoder(ids)[0]
 
 
-def drop_prompts(prompts: Sequence[str], rate: float,
-                 generator: torch.Generator | None = None) -> list[str]:
+def drop_prompts(
+    prompts: Sequence[str], rate: float, generator: torch.Generator | None = None
+) -> list[str]:
     """Replace each prompt by "" with probability ``rate`` (the paper's trick for guidance)."""
     keep = torch.rand(len(prompts), generator=generator) >= rate
     return [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
 
 
-def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                     timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet must predict, per the scheduler's ``prediction_type``."""
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":

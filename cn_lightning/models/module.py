@@ -181,7 +181,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         decoder's when it is unlocked."""
         names = [CONTROLNET_PREFIX + n for n in self.controlnet.state_dict()]
         if not self.hparams.sd_locked:
-            names += [UNET_PREFIX + n for n in self.unet.state_dict() if n.startswith(DECODER_PREFIXES)]
+            names += [
+                UNET_PREFIX + n for n in self.unet.state_dict() if n.startswith(DECODER_PREFIXES)
+            ]
         return names
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -437,7 +439,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             control = torch.cat([condition, condition])
         else:
             text, control = cond_emb, condition
-        extra = {"eta": self.hparams.eta if eta is None else eta} if sampler_is_ddim(scheduler) else {}
+        extra = (
+            {"eta": self.hparams.eta if eta is None else eta} if sampler_is_ddim(scheduler) else {}
+        )
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
@@ -474,7 +478,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         out = {
             "condition": condition.float().cpu(),
             "samples": self.sample(condition, prompts, seed=seed, **kwargs).cpu(),
-            "samples_no_prompt": self.sample(condition, [""] * len(prompts), seed=seed, **kwargs).cpu(),
+            "samples_no_prompt": self.sample(
+                condition, [""] * len(prompts), seed=seed, **kwargs
+            ).cpu(),
             "prompts": prompts,
         }
         if "image" in batch:

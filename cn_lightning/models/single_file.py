@@ -42,7 +42,9 @@ _CROSS_ATTN_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
 def config_dir(variant: str) -> Path:
     """The shipped diffusers-layout config folder of ``variant`` (``sd15``, ``sd21``, ``sd21-base``)."""
     if variant not in VARIANTS:
-        raise BackboneLoadError(f"unknown Stable Diffusion variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        raise BackboneLoadError(
+            f"unknown Stable Diffusion variant {variant!r}; expected one of {', '.join(VARIANTS)}"
+        )
     return CONFIG_ROOT / variant
 
 
@@ -60,10 +62,20 @@ def variant_for_cross_attention(width: int | None) -> str:
 
 # Where checkpoints record their prediction type: Stability's model spec (safetensors metadata),
 # kohya-ss trainers, and plain keys some converters write.
-_PREDICTION_KEYS = ("modelspec.prediction_type", "prediction_type", "parameterization", "ss_v_parameterization")
+_PREDICTION_KEYS = (
+    "modelspec.prediction_type",
+    "prediction_type",
+    "parameterization",
+    "ss_v_parameterization",
+)
 _PREDICTION_VALUES = {
-    "v": "v_prediction", "v_prediction": "v_prediction", "v-prediction": "v_prediction", "true": "v_prediction",
-    "eps": "epsilon", "epsilon": "epsilon", "false": "epsilon",
+    "v": "v_prediction",
+    "v_prediction": "v_prediction",
+    "v-prediction": "v_prediction",
+    "true": "v_prediction",
+    "eps": "epsilon",
+    "epsilon": "epsilon",
+    "false": "epsilon",
 }
 
 
@@ -78,7 +90,9 @@ def recorded_prediction_type(records: dict[str, Any]) -> str | None:
 
 def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict>") -> str:
     """Return ``"sd1"`` or ``"sd2"`` from the text encoder layout; raise if this is no SD1/SD2 checkpoint."""
-    missing = [name for name, key in (("UNet", _UNET_PROBE), ("VAE", _VAE_PROBE)) if key not in state_dict]
+    missing = [
+        name for name, key in (("UNet", _UNET_PROBE), ("VAE", _VAE_PROBE)) if key not in state_dict
+    ]
     if missing:
         probe = _UNET_PROBE if "UNet" in missing else _VAE_PROBE
         raise BackboneLoadError(
@@ -97,7 +111,9 @@ def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict
     )
 
 
-def _resolve_variant(family: str, variant: str | None, path: Path, prediction: str | None = None) -> str:
+def _resolve_variant(
+    family: str, variant: str | None, path: Path, prediction: str | None = None
+) -> str:
     """The shipped config to use: ``variant`` if given, else SD1 -> ``sd15``; SD2 -> by the recorded
     prediction type (v -> ``sd21``, epsilon -> ``sd21-base``), which the weights cannot tell."""
     if variant is None:
@@ -112,11 +128,15 @@ def _resolve_variant(family: str, variant: str | None, path: Path, prediction: s
         return SD2_VARIANT_BY_PREDICTION[prediction]
     config_dir(variant)  # validates the name
     if (family == "sd1") != (variant == "sd15"):
-        raise BackboneLoadError(f"{path}: holds {family.upper()} weights but variant={variant!r} was requested")
+        raise BackboneLoadError(
+            f"{path}: holds {family.upper()} weights but variant={variant!r} was requested"
+        )
     return variant
 
 
-def _check_architecture(state_dict: dict[str, Tensor], unet_config: dict[str, Any], path: Path) -> None:
+def _check_architecture(
+    state_dict: dict[str, Tensor], unet_config: dict[str, Any], path: Path
+) -> None:
     """Fail early, in one line, when the weights do not fit the UNet config (inpainting, other context dim)."""
     in_channels = state_dict[_UNET_PROBE].shape[1]
     if in_channels != unet_config["in_channels"]:
@@ -132,7 +152,9 @@ def _check_architecture(state_dict: dict[str, Tensor], unet_config: dict[str, An
         )
 
 
-def _check_weights_complete(state_dict: dict[str, Tensor], configs: Path, family: str, path: Path) -> None:
+def _check_weights_complete(
+    state_dict: dict[str, Tensor], configs: Path, family: str, path: Path
+) -> None:
     """Convert the keys with diffusers' converters and check every parameter of each component is there.
 
     diffusers loads single files with ``strict=False``; a checkpoint with a tensor missing would
@@ -149,9 +171,13 @@ def _check_weights_complete(state_dict: dict[str, Tensor], configs: Path, family
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(configs / "unet")))
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(str(configs / "unet"))
+        )
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(configs / "vae")))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(configs / "text_encoder"), local_files_only=True))
+        text = CLIPTextModel(
+            CLIPTextConfig.from_pretrained(str(configs / "text_encoder"), local_files_only=True)
+        )
     if family == "sd1":
         text_sd = convert_ldm_clip_checkpoint(state_dict)
     else:
@@ -181,7 +207,10 @@ def load_clip_tokenizer(tokenizer_dir: str | Path) -> Any:
     tokenizer_dir = Path(tokenizer_dir)
     files = {}
     if not (tokenizer_dir / "vocab.json").is_file():
-        files = {"vocab": str(CLIP_BPE_DIR / "vocab.json"), "merges": str(CLIP_BPE_DIR / "merges.txt")}
+        files = {
+            "vocab": str(CLIP_BPE_DIR / "vocab.json"),
+            "merges": str(CLIP_BPE_DIR / "merges.txt"),
+        }
     return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **files)
 
 
@@ -213,7 +242,9 @@ def load_single_file_components(
     family = detect_family(state_dict, path)
     prediction = recorded_prediction_type(records) if variant is None else None
     if config_dir_override is not None:
-        _resolve_variant(family, variant or ("sd15" if family == "sd1" else "sd21"), path)  # family check
+        _resolve_variant(
+            family, variant or ("sd15" if family == "sd1" else "sd21"), path
+        )  # family check
         configs = Path(config_dir_override)
         chosen = variant or configs.name
     else:
@@ -233,7 +264,9 @@ def load_single_file_components(
     except BackboneLoadError:
         raise
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and converter failures
-        raise BackboneLoadError(f"{path}: weights do not fit the {chosen} architecture: {first_line(exc)}") from exc
+        raise BackboneLoadError(
+            f"{path}: weights do not fit the {chosen} architecture: {first_line(exc)}"
+        ) from exc
 
     return {
         "unet": unet,
@@ -248,7 +281,9 @@ def _scheduler(configs: Path, prediction: str | None) -> Any:
     """The config folder's training scheduler, with the file's recorded prediction type if any."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_pretrained(str(configs), subfolder="scheduler", local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(
+        str(configs), subfolder="scheduler", local_files_only=True
+    )
     if prediction is not None and scheduler.config.prediction_type != prediction:
         scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction)
     return scheduler

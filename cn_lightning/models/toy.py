@@ -62,12 +62,17 @@ class ToyVAEModule(L.LightningModule):
         mse = F.mse_loss(recon, image)
         kl = posterior.kl().mean()
         loss = mse + self.hparams.kl_weight * kl
-        self.log_dict({"vae/mse": mse, "vae/kl": kl, "train/loss": loss}, prog_bar=True,
-                      batch_size=image.shape[0])
+        self.log_dict(
+            {"vae/mse": mse, "vae/kl": kl, "train/loss": loss},
+            prog_bar=True,
+            batch_size=image.shape[0],
+        )
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.learning_rate, weight_decay=0.0)
+        return torch.optim.AdamW(
+            self.vae.parameters(), lr=self.hparams.learning_rate, weight_decay=0.0
+        )
 
 
 class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
@@ -113,8 +118,12 @@ class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
             latents = latents * self.vae.config.scaling_factor
         prompts = drop_prompts(batch["prompt"], self.hparams.ucg_rate)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device)
+        t = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            device=latents.device,
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=self.encode_prompt(prompts)).sample
         loss = F.mse_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, t))
@@ -126,24 +135,49 @@ class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=1e-2)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], size: int = 64, steps: int = 20,
-                 guidance_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str],
+        size: int = 64,
+        steps: int = 20,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+    ) -> torch.Tensor:
         """Images (B, 3, size, size) in [0, 1] for ``prompts`` (DDIM, classifier-free guidance)."""
-        return text_to_image(self.unet, self.vae, self.encode_prompt, self.noise_scheduler,
-                             prompts, size, steps, guidance_scale, seed)
+        return text_to_image(
+            self.unet,
+            self.vae,
+            self.encode_prompt,
+            self.noise_scheduler,
+            prompts,
+            size,
+            steps,
+            guidance_scale,
+            seed,
+        )
 
 
 @torch.no_grad()
-def text_to_image(unet, vae, encode_prompt, noise_scheduler, prompts: list[str], size: int = 64,
-                  steps: int = 20, guidance_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+def text_to_image(
+    unet,
+    vae,
+    encode_prompt,
+    noise_scheduler,
+    prompts: list[str],
+    size: int = 64,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+) -> torch.Tensor:
     """Sample a backbone without control: (B, 3, size, size) in [0, 1]."""
     device = next(unet.parameters()).device
     scheduler = DDIMScheduler.from_config(noise_scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), unet.config.in_channels, size // factor, size // factor,
-                          generator=g).to(device)
+    latents = torch.randn(
+        len(prompts), unet.config.in_channels, size // factor, size // factor, generator=g
+    ).to(device)
     text = torch.cat([encode_prompt([""] * len(prompts)), encode_prompt(list(prompts))])
     for t in scheduler.timesteps:
         pred = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample
@@ -160,9 +194,15 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
     return float(1.0 / latents.std())
 
 
-def save_toy_backbone(out: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                      text_encoder: CLIPTextModel, tokenizer_dir: str | os.PathLike,
-                      scheduler: DDPMScheduler, provenance: dict) -> Path:
+def save_toy_backbone(
+    out: str | os.PathLike,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer_dir: str | os.PathLike,
+    scheduler: DDPMScheduler,
+    provenance: dict,
+) -> Path:
     """Write the trained parts in diffusers layout (atomically) with how they were made."""
     out = Path(out)
     with atomic_directory(out) as tmp:
@@ -173,8 +213,9 @@ def save_toy_backbone(out: str | os.PathLike, unet: UNet2DConditionModel, vae: A
 
 
 # ------------------------------------------------------------------------- colour statistics
-def colour_statistics(images: torch.Tensor, core: float = 0.7,
-                      min_distance: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+def colour_statistics(
+    images: torch.Tensor, core: float = 0.7, min_distance: float = 60.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Background and foreground colour of each image, RGB in [0, 255].
 
     The background is the median of the border pixels; the foreground the median of the circle's
@@ -195,7 +236,9 @@ def colour_statistics(images: torch.Tensor, core: float = 0.7,
     return np.stack(backgrounds), np.stack(foregrounds)
 
 
-def nearest_colour_names(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> list[str | None]:
+def nearest_colour_names(
+    rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]
+) -> list[str | None]:
     """Name of the nearest palette colour for each RGB row (None for NaN rows)."""
     names = list(palette)
     colours = np.array([palette[n] for n in names], dtype=np.float32)
