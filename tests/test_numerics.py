@@ -25,9 +25,9 @@ def _all_finite(state: dict) -> bool:
 
 def test_huge_learning_rate_stops_with_one_line_and_keeps_finite_checkpoints(
     tiny_sd_path,
-    circle_shards,
+    circle_shards,  # noqa: F811
     tmp_path,
-    capsys,  # noqa: F811
+    capsys,
 ):
     run_dir = tmp_path / "run"
     cfg = _cfg(
