@@ -30,6 +30,16 @@ class ConfigError(CnLightningError, ValueError):
     """A configuration value is missing or invalid."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name (condition extractor, preset, ...) that is not registered.
+
+    Also a :class:`KeyError`, so lookups that catch ``KeyError`` keep working; its message reads
+    as plain text (not the quoted ``repr`` a ``KeyError`` shows).
+    """
+
+    __str__ = Exception.__str__
+
+
 class DataError(CnLightningError, ValueError):
     """Training or validation data is missing, unreadable or does not match the data settings
     (shard paths, condition key, cached latents, epoch length, shard count)."""

@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from cn_lightning import log
-from cn_lightning.errors import DataError
+from cn_lightning.errors import ConfigError, DataError
 from cn_lightning.metrics.fidelity import condition_fidelity, resolve_fidelity
 
 COLUMNS = ("condition", "samples", "samples_no_prompt", "target")
@@ -116,7 +116,7 @@ class SampleGridLogger(L.Callback):
         min_tile_px: int = 0,
     ) -> None:
         if source not in ("auto", "val", "train"):
-            raise ValueError(f"source must be auto, val or train; got {source!r}")
+            raise ConfigError(f"source must be auto, val or train; got {source!r}")
         self.every_n_steps = int(every_n_steps or 0)
         self.log_spaced = log_spaced
         self.num_samples = num_samples

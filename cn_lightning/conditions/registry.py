@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cn_lightning.errors import UnknownNameError
+
 Extractor = Callable[[np.ndarray], np.ndarray]
 
 
@@ -67,7 +69,7 @@ def list_extractors() -> list[str]:
 def get_spec(name: str) -> ExtractorSpec:
     """The registry entry for ``name``; a clear error lists the known names otherwise."""
     if name not in _REGISTRY:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown condition extractor {name!r}; registered: {', '.join(list_extractors())}. "
             "Register your own with @cn_lightning.conditions.register_extractor(name) and load "
             "its module (data_prep tools take --extractor-module)."

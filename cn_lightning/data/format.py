@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 
 from cn_lightning.atomic import atomic_file
-from cn_lightning.errors import DataError
+from cn_lightning.errors import DataError, first_line
 
 FORMAT_VERSION = "cn_lightning.shards/v1"
 MANIFEST_NAME = "manifest.json"
@@ -374,8 +374,7 @@ def _probe(urls: list[str], name: str) -> tuple[str, list[dict]]:
             samples = read_first_samples(url, PROBE_SAMPLES)
         except Exception as err:
             which = "the first shard" if i == 0 else f"shard {i + 1}"
-            text = str(err).strip().splitlines()
-            detail = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+            detail = type(err).__name__ + (f": {first_line(err)}" if str(err).strip() else "")
             raise DataError(f"{name}: cannot read {which} {url}: {detail}") from None
         if samples:
             return url, samples

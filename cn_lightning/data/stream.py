@@ -31,6 +31,7 @@ from cn_lightning.data.format import (
     tar_samples,
 )
 from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
+from cn_lightning.errors import DataError
 
 SKIP_REASONS = (
     "open_error",
@@ -298,7 +299,7 @@ class ShardStream(IterableDataset):
     def __init__(self, cfg: StreamConfig, epoch: int = 0):
         super().__init__()
         if not cfg.urls:
-            raise ValueError("no shard URLs given")
+            raise DataError("no shard URLs given")
         self.cfg = cfg
         self.epoch = epoch
 
@@ -359,7 +360,7 @@ class ShardStream(IterableDataset):
             empty_run = 0 if got else empty_run + 1
             if empty_run > max(10, 2 * len(cfg.urls)):
                 # Endless/cycling modes would spin forever on unreadable shards.
-                raise RuntimeError(
+                raise DataError(
                     f"{empty_run} shards in a row gave no samples; "
                     f"skipped so far: {dict(counter.counts)}"
                 )
@@ -426,7 +427,7 @@ class ShardStream(IterableDataset):
             if decoded is None:
                 failures += 1
                 if failures > _MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{failures} samples in a row could not be used; "
                         f"skipped: {dict(counter.counts)}"
                     )
@@ -442,7 +443,7 @@ class ShardStream(IterableDataset):
             yield collate(pending, counter.take())
             made += 1
         if quota is not None and made < quota:
-            raise RuntimeError(
+            raise DataError(
                 f"rank {cfg.rank}: the shards gave only {made} of {quota} batches "
                 f"({'no decodable samples' if not decoded_any else 'too few samples'}); "
                 f"skipped: {dict(counter.counts)}"

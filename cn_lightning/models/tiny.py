@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cn_lightning import log
 from cn_lightning.atomic import atomic_directory
+from cn_lightning.errors import ConfigError
 
 # Sizes per preset. "test" mirrors diffusers' own unit-test models; "small" is still tiny
 # (about 2 M parameters) but wide enough for the quickstart to learn something.
@@ -112,7 +113,7 @@ def write_tokenizer(out: Path) -> CLIPTokenizer:
 def build_tiny_components(preset: str = "test", seed: int = 0, vocab_size: int | None = None):
     """Build (unet, vae, text_encoder, scheduler) with random weights for ``preset``."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}: expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown tiny preset {preset!r}: expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     torch.manual_seed(seed)
     vae_scale_factor = 2 ** (len(p["vae_channels"]) - 1)
