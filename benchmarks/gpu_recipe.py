@@ -1,4 +1,5 @@
-"""The GPU recipe check: the real train CLI at SD1.5 size, bf16-mixed, per strategy, vs. UNet fine-tuning.
+"""The GPU recipe check: the real train CLI at SD1.5 size, bf16-mixed, per strategy, vs. UNet
+fine-tuning.
 
 Builds an SD1.5-size Stable Diffusion with random weights from the shipped configs (once, into
 ``--work-dir``), writes small synthetic-circle shards at ``--resolution``, then for each strategy
@@ -236,7 +237,8 @@ def run_strategy(
     ]
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     log(
-        f"{strategy}: python -m cn_lightning.train ... strategy={strategy} (log: {run_dir / 'train.log'})"
+        f"{strategy}: python -m cn_lightning.train ... strategy={strategy} "
+        f"(log: {run_dir / 'train.log'})"
     )
     rc, wall = run_logged(cmd, run_dir / "train.log", env, args.timeout)
     out = {"status": "ok", "wall_s": round(wall, 1), "run_dir": str(run_dir)}
@@ -429,8 +431,9 @@ def run_unet_finetune(args, model_dir: Path, env: dict, device: str, warmup: int
     result = json.loads(out_json.read_text())
     result["wall_s"] = round(wall, 1)
     log(
-        f"unet_finetune: {result['samples_per_s']:.2f} samples/s, {result['s_per_step']:.3f} s/step, "
-        f"peak {result['peak_memory_gb']:.2f} GB, MFU {fmt_pct(result.get('mfu'))} (run {wall:.0f} s)"
+        f"unet_finetune: {result['samples_per_s']:.2f} samples/s, "
+        f"{result['s_per_step']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB, "
+        f"MFU {fmt_pct(result.get('mfu'))} (run {wall:.0f} s)"
     )
     return result
 
@@ -485,7 +488,8 @@ def print_table(report: dict) -> None:
             print(f"{label:24} {status:8} {why}")
             continue
         print(
-            f"{label:24} {status:8} {fmt(r['samples_per_s'], '9.2f')} {fmt(r['s_per_step'], '8.3f')} "
+            f"{label:24} {status:8} {fmt(r['samples_per_s'], '9.2f')} "
+            f"{fmt(r['s_per_step'], '8.3f')} "
             f"{fmt(r.get('peak_memory_gb'), '8.2f')} {fmt_pct(r.get('mfu')):>6} "
             f"{fmt_pct(r.get('data_wait_share')):>9} {fmt_x(r.get('time_ratio')):>7} "
             f"{fmt_x(r.get('memory_ratio')):>6}"
@@ -506,9 +510,9 @@ def print_table(report: dict) -> None:
 # --------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument(

@@ -6,7 +6,8 @@ UNet with residuals, MSE, backward, AdamW step. Both sides consume the same pre-
 data loading is not measured. Runs alternate (plain, ours, plain, ours, ...) to share the
 machine's noise, and the median time per step of each is compared.
 
-    python benchmarks/step_time.py [--preset small] [--size 64] [--batch 8] [--steps 30] [--repeats 3]
+    python benchmarks/step_time.py [--preset small] [--size 64] [--batch 8] \\
+        [--steps 30] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -153,11 +154,13 @@ def main() -> None:
             plain.append(plain_loop(model_dir, batches, args.warmup))
             ours.append(lightning_loop(model_dir, batches, args.warmup))
             print(
-                f"repeat {r}: plain {plain[-1] * 1e3:.1f} ms/step, cn_lightning {ours[-1] * 1e3:.1f} ms/step"
+                f"repeat {r}: plain {plain[-1] * 1e3:.1f} ms/step, "
+                f"cn_lightning {ours[-1] * 1e3:.1f} ms/step"
             )
     p, o = statistics.median(plain), statistics.median(ours)
     print(
-        f"device: cpu x{torch.get_num_threads()} threads | preset {args.preset}, {args.size}px, batch {args.batch}"
+        f"device: cpu x{torch.get_num_threads()} threads | "
+        f"preset {args.preset}, {args.size}px, batch {args.batch}"
     )
     print(f"plain PyTorch loop : {p * 1e3:.1f} ms/step (median of {args.repeats})")
     print(f"cn_lightning       : {o * 1e3:.1f} ms/step (median of {args.repeats})")

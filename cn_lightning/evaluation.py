@@ -231,7 +231,8 @@ def compute_metrics(metrics: dict[str, torchmetrics.Metric], num_samples: int) -
 def write_report(
     cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]
 ) -> tuple[Path, Path]:
-    """``report.json`` (settings, metrics, per-sample scores) and ``report.md``, written atomically."""
+    """``report.json`` (settings, metrics, per-sample scores) and ``report.md``, written
+    atomically."""
     out = Path(os.path.expanduser(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -252,7 +253,8 @@ def markdown_table(cfg: EvalConfig, values: dict[str, float], n: int) -> str:
     lines = [
         f"# Evaluation of `{what}`",
         "",
-        f"{n} samples from `{cfg.val_shards}` (condition `{cfg.condition_key}`, {cfg.resolution} px)",
+        f"{n} samples from `{cfg.val_shards}` "
+        f"(condition `{cfg.condition_key}`, {cfg.resolution} px)",
         "",
         "| metric | value |",
         "|---|---|",
@@ -262,7 +264,8 @@ def markdown_table(cfg: EvalConfig, values: dict[str, float], n: int) -> str:
 
 
 def log_to_wandb(cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]) -> str:
-    """Log the metrics and a per-sample table to W&B (offline without credentials); returns the run dir."""
+    """Log the metrics and a per-sample table to W&B (offline without credentials); returns the
+    run dir."""
     import wandb
 
     run = wandb.init(
@@ -328,7 +331,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if cfg.images is None and not (cfg.base and cfg.controlnet):
         raise ConfigError(
-            "give --base and --controlnet to generate images, or --images DIR to score existing ones"
+            "give --base and --controlnet to generate images, "
+            "or --images DIR to score existing ones"
         )
     check_val_shards(cfg.val_shards)
     strategy = "ddp" if cfg.devices > 1 else "auto"

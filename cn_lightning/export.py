@@ -1,4 +1,5 @@
-"""Export a trained ControlNet: ``python -m cn_lightning.export SRC --format diffusers|original --out PATH``.
+"""Export a trained ControlNet:
+``python -m cn_lightning.export SRC --format diffusers|original --out PATH``.
 
 ``SRC`` is a Lightning ``.ckpt`` file, a DeepSpeed checkpoint directory, a run directory (its
 ``checkpoints/last.ckpt``, else its newest checkpoint), or an already exported ControlNet (a
@@ -8,7 +9,8 @@ diffusers folder or an original-format file) to convert between the two formats.
   ``StableDiffusionControlNetPipeline`` and ComfyUI load.
 * ``--format original`` writes the ``control_model.*`` state dict of the original ControlNet repo
   (``.safetensors``, or ``.pth`` when ``--out`` ends in ``.pth``), which AUTOMATIC1111's and
-  ComfyUI's ControlNet loaders read. The conversion is exact (see :mod:`cn_lightning.models.convert_original`).
+  ComfyUI's ControlNet loaders read. The conversion is exact (see
+  :mod:`cn_lightning.models.convert_original`).
 
 After ``sd_locked: false`` training the UNet decoder was trained too, and the ControlNet only
 works with it: the full fine-tuned UNet (the base model's UNet with the trained decoder, fp32
@@ -41,7 +43,8 @@ def build_parser() -> ArgumentParser:
         "src",
         help=(
             "Lightning .ckpt file, DeepSpeed checkpoint directory, run directory (uses "
-            "checkpoints/last.ckpt), or an exported ControlNet (diffusers folder / original .safetensors)"
+            "checkpoints/last.ckpt), or an exported ControlNet "
+            "(diffusers folder / original .safetensors)"
         ),
     )
     parser.add_argument(
@@ -50,7 +53,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--out",
         required=True,
-        help="output folder (diffusers) or file (original: .safetensors, or .pth/.pt/.ckpt for a pickle)",
+        help=(
+            "output folder (diffusers) or file "
+            "(original: .safetensors, or .pth/.pt/.ckpt for a pickle)"
+        ),
     )
     parser.add_argument(
         "--dtype",
@@ -62,16 +68,18 @@ def build_parser() -> ArgumentParser:
         "--base",
         default=None,
         help=(
-            "the Stable Diffusion model the ControlNet was trained on, for its architecture and, after "
-            "sd_locked=false training, the frozen part of the UNet (default: the checkpoint's pretrained_model_path)"
+            "the Stable Diffusion model the ControlNet was trained on, for its architecture and, "
+            "after sd_locked=false training, the frozen part of the UNet "
+            "(default: the checkpoint's pretrained_model_path)"
         ),
     )
     parser.add_argument(
         "--controlnet-only",
         action="store_true",
         help=(
-            "after sd_locked=false training, write only the ControlNet (by default the fine-tuned UNet is "
-            "written too: OUT/unet/ for diffusers, <OUT stem>_unet<suffix> for original)"
+            "after sd_locked=false training, write only the ControlNet "
+            "(by default the fine-tuned UNet is written too: OUT/unet/ for diffusers, "
+            "<OUT stem>_unet<suffix> for original)"
         ),
     )
     return parser

@@ -39,7 +39,10 @@ def build_parser() -> ArgumentParser:
         "--controlnet",
         nargs="+",
         required=True,
-        help="one or more ControlNets: diffusers folder, original-format file, training checkpoint or run directory",
+        help=(
+            "one or more ControlNets: diffusers folder, original-format file, "
+            "training checkpoint or run directory"
+        ),
     )
     parser.add_argument(
         "--image",
@@ -58,7 +61,10 @@ def build_parser() -> ArgumentParser:
         "--extractor",
         nargs="+",
         default=None,
-        help="turn a photo into the condition first (e.g. canny): one for all or one each; 'none' = image is the condition",
+        help=(
+            "turn a photo into the condition first (e.g. canny): one for all or one each; "
+            "'none' = image is the condition"
+        ),
     )
     parser.add_argument("--prompt", default="", help="text prompt (default empty)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
@@ -85,7 +91,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--guess-mode",
         action="store_true",
-        help="the ControlNet recognises the content without a prompt (the paper's guess mode; try --guidance 3-5)",
+        help=(
+            "the ControlNet recognises the content without a prompt "
+            "(the paper's guess mode; try --guidance 3-5)"
+        ),
     )
     parser.add_argument(
         "--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)"

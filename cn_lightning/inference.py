@@ -119,16 +119,17 @@ def resize(image: np.ndarray, width: int, height: int, discrete: bool) -> np.nda
 def prepare_condition(
     image: np.ndarray, width: int, height: int, extractor: str | None = None
 ) -> Image.Image:
-    """The condition image at ``width`` x ``height``: a condition map resized, or a photo resized then
-    run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``). ``None`` or
-    ``"none"`` (as on the command line): the image already is the condition."""
+    """The condition image at ``width`` x ``height``: a condition map resized, or a photo resized
+    then run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``).
+    ``None`` or ``"none"`` (as on the command line): the image already is the condition."""
     if extractor is None or extractor == "none":
         return Image.fromarray(resize(image, width, height, _is_discrete(image)))
     from cn_lightning.conditions import get_extractor, is_discrete, list_extractors
 
     if extractor not in list_extractors():
         raise ConfigError(
-            f"unknown condition extractor {extractor!r}; registered: {', '.join(list_extractors())} "
+            f"unknown condition extractor {extractor!r}; "
+            f"registered: {', '.join(list_extractors())} "
             "(or none: the image already is the condition)"
         )
     condition = get_extractor(extractor)(resize(image, width, height, discrete=False))
@@ -138,7 +139,8 @@ def prepare_condition(
 
 
 def default_size(image: np.ndarray, native: int) -> tuple[int, int]:
-    """``(width, height)`` keeping the image's aspect with the shorter side at the model's native size."""
+    """``(width, height)`` keeping the image's aspect with the shorter side at the model's native
+    size."""
     h, w = image.shape[:2]
     scale = native / min(h, w)
     return _round(w * scale), _round(h * scale)
@@ -150,7 +152,8 @@ def _round(x: float) -> int:
 
 # ------------------------------------------------------------------------------ models
 def load_controlnet(path: str, backbone: Backbone, dtype: torch.dtype) -> ControlNetModel:
-    """A ControlNet from a diffusers folder, an original-format file, a checkpoint or a run directory."""
+    """A ControlNet from a diffusers folder, an original-format file, a checkpoint or a run
+    directory."""
     return load_controlnet_and_unet(path, backbone, dtype)[0]
 
 
@@ -174,16 +177,17 @@ def load_controlnet_and_unet(
 def load_controlnets(
     paths: Sequence[str], backbone: Backbone, dtype: torch.dtype
 ) -> list[ControlNetModel]:
-    """The ControlNets of ``paths``; a fine-tuned UNet that comes with one of them (a run trained with
-    ``sd_locked: false``, or an export with ``unet/``) replaces ``backbone.unet``: the ControlNet was
-    trained with that decoder. The base model's UNet gives the rest of a checkpoint's UNet."""
+    """The ControlNets of ``paths``; a fine-tuned UNet that comes with one of them (a run trained
+    with ``sd_locked: false``, or an export with ``unet/``) replaces ``backbone.unet``: the
+    ControlNet was trained with that decoder. The base model's UNet gives the rest of a
+    checkpoint's UNet."""
     loaded = [load_controlnet_and_unet(p, backbone, dtype) for p in paths]
     companions = [c for _, c in loaded if c is not None]
     if len(companions) > 1:
         names = ", ".join(repr(c.source) for c in companions)
         raise ConfigError(
-            f"ControlNets {names} each come with a fine-tuned UNet (sd_locked=false); a pipeline has one UNet, "
-            "so combine at most one of them with others"
+            f"ControlNets {names} each come with a fine-tuned UNet (sd_locked=false); "
+            "a pipeline has one UNet, so combine at most one of them with others"
         )
     if companions:
         unet = companions[0].build(backbone.unet, dtype)
@@ -200,8 +204,8 @@ def check_fits(
     hint_factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
     if hint_factor != vae_scale_factor:
         raise ConfigError(
-            f"ControlNet {name!r} downsamples its condition {hint_factor}x but the base model's VAE "
-            f"downsamples {vae_scale_factor}x: it was made for another model"
+            f"ControlNet {name!r} downsamples its condition {hint_factor}x but the base model's "
+            f"VAE downsamples {vae_scale_factor}x: it was made for another model"
         )
     problem = config_mismatch(controlnet.config, unet.config, CONTROLNET_FIT_KEYS)
     if problem:
@@ -289,14 +293,16 @@ def png_metadata(settings: GenerationSettings, index: int) -> PngInfo:
     seed = settings.seed + index
     info = PngInfo()
     controls = ", ".join(
-        f'ControlNet {i}: "{c.controlnet}, weight: {c.scale}, preprocessor: {c.extractor or "none"}"'
+        f'ControlNet {i}: "{c.controlnet}, weight: {c.scale}, '
+        f'preprocessor: {c.extractor or "none"}"'
         for i, c in enumerate(settings.controls)
     )
     info.add_text(
         "parameters",
         f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\n"
-        f"Steps: {settings.steps}, Sampler: {settings.sampler}, CFG scale: {settings.guidance_scale}, "
-        f"Seed: {seed}, Size: {settings.width}x{settings.height}, Model: {Path(settings.base).name}, "
+        f"Steps: {settings.steps}, Sampler: {settings.sampler}, "
+        f"CFG scale: {settings.guidance_scale}, Seed: {seed}, "
+        f"Size: {settings.width}x{settings.height}, Model: {Path(settings.base).name}, "
         f"Guess mode: {settings.guess_mode}, {controls}",
     )
     info.add_text(
@@ -345,10 +351,12 @@ class PipelineSource:
     def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
         if not cfg.base or not cfg.controlnet:
             raise ConfigError(
-                "give --base and --controlnet to generate images, or --images DIR to score existing ones"
+                "give --base and --controlnet to generate images, "
+                "or --images DIR to score existing ones"
             )
         backbone = load_backbone(cfg.base, dtype, variant=cfg.variant)
-        # A ControlNet trained with sd_locked=false brings its fine-tuned UNet (it replaces backbone.unet).
+        # A ControlNet trained with sd_locked=false brings its fine-tuned UNet
+        # (it replaces backbone.unet).
         controlnets = load_controlnets([cfg.controlnet], backbone, dtype)
         self.pipe = build_pipeline(backbone, controlnets, cfg.sampler).to(device)
         self.pipe.set_progress_bar_config(disable=True)

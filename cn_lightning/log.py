@@ -39,7 +39,8 @@ class ConsoleHandler(logging.Handler):
 
 
 class ExcludeFilter(logging.Filter):
-    """Drops the records of logger ``name`` and its children (the opposite of ``logging.Filter``)."""
+    """Drops the records of logger ``name`` and its children (the opposite of
+    ``logging.Filter``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not super().filter(record)

@@ -11,7 +11,8 @@
   through the same allow-list.
 
 What the tensors *mean* (a ControlNet, a training checkpoint, a backbone) is for the readers
-above this module: :mod:`cn_lightning.models.checkpoints` and :mod:`cn_lightning.models.single_file`.
+above this module: :mod:`cn_lightning.models.checkpoints` and
+:mod:`cn_lightning.models.single_file`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ WRITABLE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
 def checkpoint_safe_globals(deepspeed: bool = False) -> list[Any]:
-    """The allow-list: every type a cn_lightning checkpoint holds besides tensors and plain containers.
+    """The allow-list: every type a cn_lightning checkpoint holds besides tensors and plain
+    containers.
 
     torch's ``weights_only`` unpickler already accepts tensors, dtypes, ``torch.Size``, dicts,
     lists, tuples, strings and numbers. Our checkpoints add:
@@ -144,7 +146,8 @@ def _refusal(path: str | os.PathLike, err: BaseException) -> UnsafeCheckpointErr
     )
     reason = "" if detail is None else f" ({detail.group(1).strip().split('. ')[0].rstrip('.')})"
     return UnsafeCheckpointError(
-        f"{path}: not a safe checkpoint, or not a checkpoint at all: refusing to unpickle it{reason} ({_SAFE_ONLY})"
+        f"{path}: not a safe checkpoint, or not a checkpoint at all: "
+        f"refusing to unpickle it{reason} ({_SAFE_ONLY})"
     )
 
 
@@ -230,7 +233,8 @@ class _SafeTorch(types.ModuleType):
 
 @contextlib.contextmanager
 def safe_torch_loads_in(*module_names: str, deepspeed: bool = True) -> Iterator[None]:
-    """Within the block, ``torch.load`` called from these (imported) modules is :func:`safe_torch_load`.
+    """Within the block, ``torch.load`` called from these (imported) modules is
+    :func:`safe_torch_load`.
 
     DeepSpeed's readers (``deepspeed.utils.zero_to_fp32``, its checkpoint engine) hard-code
     ``torch.load(..., weights_only=False)``; this swaps the module's ``torch`` name for a proxy

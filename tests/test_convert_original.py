@@ -200,7 +200,8 @@ def test_diffusers_to_original_loads_back_with_diffusers(
 @pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1-conv-proj", "sd2-linear-proj"])
 @pytest.mark.parametrize("prefixed", [True, False], ids=["control_model.", "no-prefix"])
 def test_original_to_diffusers_to_original(config: dict, prefixed: bool) -> None:
-    """Start from random tensors in the cldm layout; diffusers' converter then ours gives them back."""
+    """Start from random tensors in the cldm layout; diffusers' converter then ours gives them
+    back."""
     shapes = cldm_controlnet_shapes(
         model_channels=8,
         channel_mult=(1, 2),

@@ -62,8 +62,8 @@ def assets(tiny_sd_path, tmp_path_factory) -> dict:
         for p in controlnet.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     save_controlnet_folder(controlnet, root / "controlnet")
-    # Randomly initialised Inception (torchvision's layout = torch-fidelity's, with its 1008-way fc):
-    # this tests the local-weights path, not FID values.
+    # Randomly initialised Inception (torchvision's layout = torch-fidelity's, with its 1008-way
+    # fc): this tests the local-weights path, not FID values.
     inception = torchvision.models.inception_v3(
         weights=None, aux_logits=False, init_weights=False
     ).state_dict()

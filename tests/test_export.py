@@ -47,7 +47,8 @@ def _perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
 
 
 def _train_run(run: Path, module: ControlNetModule, image_size: int, cond_size: int) -> Path:
-    """One optimizer step with a real Trainer, then a checkpoint of perturbed weights as last.ckpt."""
+    """One optimizer step with a real Trainer, then a checkpoint of perturbed weights as
+    last.ckpt."""
     trainer = L.Trainer(
         default_root_dir=run,
         accelerator="cpu",
@@ -94,7 +95,8 @@ def default_run(tiny_sd_path, tmp_path_factory) -> tuple[Path, ControlNetModule]
 
 @pytest.fixture(scope="module")
 def start_controlnet(tiny_sd_path, tmp_path_factory) -> Path:
-    """A released-style ControlNet with the original's 4-stage hint encoder, as a diffusers folder."""
+    """A released-style ControlNet with the original's 4-stage hint encoder, as a diffusers
+    folder."""
     from cn_lightning.models.backbone import load_backbone
 
     unet = load_backbone(tiny_sd_path).unet
@@ -105,7 +107,8 @@ def start_controlnet(tiny_sd_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hint4_run(tiny_sd_path, start_controlnet, tmp_path_factory) -> tuple[Path, ControlNetModule]:
-    """A run fine-tuned from ``start_controlnet`` (condition = 8x latent: 64 px for a 16 px image)."""
+    """A run fine-tuned from ``start_controlnet`` (condition = 8x latent: 64 px for a 16 px
+    image)."""
     L.seed_everything(0)
     module = ControlNetModule(
         tiny_sd_path, controlnet_path=str(start_controlnet), learning_rate=1e-3
@@ -359,8 +362,8 @@ def test_module_entry_point_reports_errors_in_one_line(tmp_path):
     missing = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [
-        f"cn_lightning: error: '{tmp_path / 'run'}' does not exist: expected a .ckpt file, a DeepSpeed checkpoint "
-        "or a run directory"
+        f"cn_lightning: error: '{tmp_path / 'run'}' does not exist: "
+        "expected a .ckpt file, a DeepSpeed checkpoint or a run directory"
     ]
 
 

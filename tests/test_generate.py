@@ -1,4 +1,5 @@
-"""Inference: diffusers' ControlNet pipeline from local parts, one or many ControlNets, any base model."""
+"""Inference: diffusers' ControlNet pipeline from local parts, one or many ControlNets, any base
+model."""
 
 from __future__ import annotations
 

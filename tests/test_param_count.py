@@ -1,4 +1,5 @@
-"""Parameter counts of the full-size architectures from the shipped configs (meta device, no memory)."""
+"""Parameter counts of the full-size architectures from the shipped configs (meta device, no
+memory)."""
 
 from __future__ import annotations
 

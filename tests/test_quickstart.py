@@ -57,7 +57,8 @@ def test_quickstart_short(tmp_path):
 
 
 def evaluate_fidelity(run_dir: Path, out: Path, control_scale: float) -> float:
-    """Mean circle-IoU fidelity of the run's ControlNet over the 64 held-out validation conditions."""
+    """Mean circle-IoU fidelity of the run's ControlNet over the 64 held-out validation
+    conditions."""
     from cn_lightning.evaluate import main as evaluate
 
     val = next((run_dir.parent / "cache").glob("circles_32px_val_64"))

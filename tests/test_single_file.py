@@ -35,7 +35,7 @@ from cn_lightning.models.single_file import (  # noqa: E402
     load_single_file_components,
 )
 
-# ---------------------------------------------------------------- test-only diffusers -> LDM converters
+# ------------------------------------------------------------ test-only diffusers -> LDM converters
 
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -152,7 +152,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def make_tiny_sd(tmp_path: Path, family: str) -> tuple[Path, dict[str, torch.nn.Module], Path]:
-    """Tiny SD of ``family`` ("sd1"/"sd2"): original-format checkpoint, source models, config folder."""
+    """Tiny SD of ``family`` ("sd1"/"sd2"): original-format checkpoint, source models, config
+    folder."""
     sd2 = family == "sd2"
     base = config_dir("sd21" if sd2 else "sd15")
     cfg_dir = tmp_path / f"tiny-{family}"
@@ -271,12 +272,13 @@ def test_shipped_variants_scheduler_and_sizes() -> None:
         assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
 
 
-# ---------------------------------------------------------------- real SD1.5 / SD2.1 key layout (meta device)
+# ------------------------------------------------------ real SD1.5 / SD2.1 key layout (meta device)
 
 
 @pytest.mark.parametrize(("variant", "expected_type"), [("sd15", "v1"), ("sd21", "v2")])
 def test_full_size_layout_matches_diffusers_converters(variant: str, expected_type: str) -> None:
-    """The shipped configs, written in LDM layout, are recognised and fully mapped back by diffusers."""
+    """The shipped configs, written in LDM layout, are recognised and fully mapped back by
+    diffusers."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
@@ -392,7 +394,8 @@ def test_sdxl_and_inpainting_are_named(tmp_path: Path) -> None:
 
 
 def _open_clip_simple_tokenizer():
-    """open_clip's SimpleTokenizer, loaded from its file so open_clip's torchvision import is skipped."""
+    """open_clip's SimpleTokenizer, loaded from its file so open_clip's torchvision import is
+    skipped."""
     location = importlib.util.find_spec("open_clip").submodule_search_locations[0]
     spec = importlib.util.spec_from_file_location(
         "_open_clip_tokenizer", Path(location) / "tokenizer.py"

@@ -88,7 +88,8 @@ def _train_unlocked(
     assert any(
         not torch.equal(a, b) for a, b in zip(before, _decoder_params(module.unet), strict=True)
     )
-    # Larger decoder changes than 3 small steps make, so "differs from the base UNet" is unambiguous.
+    # Larger decoder changes than 3 small steps make, so "differs from the base UNet" is
+    # unambiguous.
     _perturb(_decoder_params(module.unet), seed=4)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     export_from_trainer(trainer, module, run_dir / "controlnet")

@@ -105,7 +105,8 @@ def resolve_thresholds(overrides: dict[str, float | int]) -> dict[str, float | i
     unknown = set(overrides) - set(DEFAULT_THRESHOLDS)
     if unknown:
         raise ConfigError(
-            f"unknown sudden-convergence thresholds {sorted(unknown)}; known: {sorted(DEFAULT_THRESHOLDS)}"
+            f"unknown sudden-convergence thresholds {sorted(unknown)}; "
+            f"known: {sorted(DEFAULT_THRESHOLDS)}"
         )
     return {**DEFAULT_THRESHOLDS, **overrides}
 
@@ -147,8 +148,8 @@ class SuddenConvergenceDetector(L.Callback):
 
     On detection it prints a line, sets ``sudden_convergence_step`` in the W&B run summary (and
     logs it as a metric for other loggers) and writes ``convergence.json``; at the end of
-    training ``convergence.json`` is rewritten with the whole series (rank 0 writes). With ``stop_after_steps``
-    set, training stops that many optimizer steps after the detected step.
+    training ``convergence.json`` is rewritten with the whole series (rank 0 writes). With
+    ``stop_after_steps`` set, training stops that many optimizer steps after the detected step.
 
     Args:
         metric: key of the series to watch (``fidelity``, ``fidelity_no_prompt`` or a metric name).

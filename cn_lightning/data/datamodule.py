@@ -175,8 +175,9 @@ class ShardDataModule(L.LightningDataModule):
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
         if changed:
             log.warning(
-                f"the data stream resumes at epoch {state.get('epoch')} after {state.get('batches_done')} "
-                "batches, but not with the same samples as an uninterrupted run: "
+                f"the data stream resumes at epoch {state.get('epoch')} "
+                f"after {state.get('batches_done')} batches, "
+                "but not with the same samples as an uninterrupted run: "
                 f"{', '.join(changed)} changed since the checkpoint"
             )
 

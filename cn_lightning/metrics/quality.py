@@ -89,7 +89,8 @@ class ClipScore(torchmetrics.Metric):
 
 
 def build_clip_score(model_name: str, weights: str | None) -> ClipScore:
-    """open_clip from local weights: ``NAME`` + a weights file, or ``local-dir:FOLDER`` (config + weights)."""
+    """open_clip from local weights: ``NAME`` + a weights file, or ``local-dir:FOLDER``
+    (config + weights)."""
     import open_clip
 
     if model_name.startswith("local-dir:"):

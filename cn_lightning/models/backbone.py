@@ -72,7 +72,8 @@ def load_backbone(
     if not path.exists():
         raise BackboneLoadError(
             f"model path {str(path)!r} does not exist: expected a diffusers Stable Diffusion "
-            "directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a .safetensors/.ckpt file"
+            "directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/) "
+            "or a .safetensors/.ckpt file"
         )
     if path.is_dir():
         parts = _load_diffusers_dir(path, dtype)

@@ -7,8 +7,9 @@ The one module that knows the formats (what the tensors mean; the bytes are read
 source                              read as
 ==================================  ============================================================
 diffusers ControlNet folder         ``config.json`` + safetensors (``ControlNetModel``)
-original ``control_model.*`` file   the ControlNet authors' layout (A1111, ComfyUI), ``.safetensors``
-                                    or a pickle, converted exactly (:mod:`.convert_original`)
+original ``control_model.*`` file   the ControlNet authors' layout (A1111, ComfyUI),
+                                    ``.safetensors`` or a pickle, converted exactly
+                                    (:mod:`.convert_original`)
 Lightning ``.ckpt`` file            the module's trainable tensors and hyperparameters
 DeepSpeed checkpoint directory      the ZeRO-2/3 shards merged into fp32
 run directory                       its newest checkpoint (the rule resuming uses)
@@ -101,7 +102,8 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_strict(
     model_class: type, config: Mapping[str, Any], state: Mapping[str, Tensor], what: str
 ) -> Any:
-    """A ``model_class`` of ``config`` holding exactly ``state`` (fp32 CPU tensors taken as they are).
+    """A ``model_class`` of ``config`` holding exactly ``state`` (fp32 CPU tensors taken as they
+    are).
 
     The model is built on the meta device (no random init, no double memory) and loaded strictly:
     a missing, left-over or misshapen tensor is a one-line :class:`CheckpointFormatError` that
@@ -157,7 +159,7 @@ def plain_hparams(hparams: Mapping[str, Any], resolve: bool = False) -> dict[str
     return {k: plain(v) for k, v in hparams.items()}
 
 
-# ------------------------------------------------------------------------------ training checkpoints
+# ----------------------------------------------------------------------------- training checkpoints
 def newest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint a run directory resumes from and exports: the most recently written of
     ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning writes when SLURM signals a
@@ -189,7 +191,8 @@ def find_checkpoint(src: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(src)))
     if not path.exists():
         raise ConfigError(
-            f"{str(path)!r} does not exist: expected a .ckpt file, a DeepSpeed checkpoint or a run directory"
+            f"{str(path)!r} does not exist: expected a .ckpt file, a DeepSpeed checkpoint "
+            "or a run directory"
         )
     if path.is_file() or is_deepspeed_checkpoint(path):
         return path
@@ -200,8 +203,8 @@ def find_checkpoint(src: str | os.PathLike) -> Path:
     candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError(
-            f"{str(path)!r} is a directory with no checkpoint: expected <run>/checkpoints/last.ckpt, "
-            "a .ckpt file or a DeepSpeed checkpoint directory"
+            f"{str(path)!r} is a directory with no checkpoint: "
+            "expected <run>/checkpoints/last.ckpt, a .ckpt file or a DeepSpeed checkpoint directory"
         )
     return candidates[-1]
 
@@ -436,7 +439,8 @@ def load_trained_weights(src: str | os.PathLike) -> TrainedWeights:
 
 # ------------------------------------------------------------------------------ ControlNet configs
 def hint_encoder_of(state_dict: Mapping[str, Tensor]) -> tuple[list[int], int]:
-    """``(conditioning_embedding_out_channels, conditioning_channels)`` from diffusers-keyed tensors."""
+    """``(conditioning_embedding_out_channels, conditioning_channels)`` from diffusers-keyed
+    tensors."""
     conv_in = state_dict.get("controlnet_cond_embedding.conv_in.weight")
     if conv_in is None:
         raise CheckpointFormatError(
@@ -555,7 +559,8 @@ def load_controlnet(
 def load_original_controlnet(
     path: str | os.PathLike, unet: Any | None = None, torch_dtype: torch.dtype = torch.float32
 ) -> ControlNetModel:
-    """An original-format ControlNet file (``control_*.safetensors`` / ``.pth``) as a ``ControlNetModel``.
+    """An original-format ControlNet file (``control_*.safetensors`` / ``.pth``) as a
+    ``ControlNetModel``.
 
     The config comes from ``unet`` (the base model the ControlNet will drive) or, without it, from
     the shipped SD1.5/SD2.1 configs; the keys are mapped with diffusers' own converter and loaded
@@ -598,7 +603,8 @@ def is_original_format(path: Path) -> bool:
 
 
 def _top_level_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, or the top-level keys of a pickled dict (memory-mapped)."""
+    """The tensor names of a safetensors file, or the top-level keys of a pickled dict
+    (memory-mapped)."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
@@ -619,7 +625,8 @@ def _top_level_keys(path: Path) -> list[str]:
 
 
 def _meta_unet(base: str | None) -> UNet2DConditionModel | None:
-    """A weightless UNet of the diffusers SD directory ``base`` (its config is all that is needed)."""
+    """A weightless UNet of the diffusers SD directory ``base`` (its config is all that is
+    needed)."""
     if base is None:
         return None
     unet_dir = Path(os.path.expanduser(base)) / UNET_FOLDER
@@ -642,7 +649,8 @@ def original_unet_path(path: str | os.PathLike) -> Path:
 def overlay_decoder(
     unet: UNet2DConditionModel, decoder: Mapping[str, Tensor]
 ) -> UNet2DConditionModel:
-    """Put the trained ``decoder`` tensors into ``unet`` (in place, in ``unet``'s dtype); returns it.
+    """Put the trained ``decoder`` tensors into ``unet`` (in place, in ``unet``'s dtype); returns
+    it.
 
     Every decoder tensor of ``unet`` must be given, with the right shape, and nothing else:
     a decoder trained on another architecture is a :class:`CheckpointFormatError`.
@@ -657,7 +665,8 @@ def overlay_decoder(
         raise CheckpointFormatError(
             f"the fine-tuned UNet decoder does not fit the base UNet: {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
-            f"{len(wrong)} of another shape (e.g. {wrong[:2]}); was it trained on another base model?"
+            f"{len(wrong)} of another shape (e.g. {wrong[:2]}); "
+            "was it trained on another base model?"
         )
     with torch.no_grad():
         for key, value in decoder.items():
@@ -666,7 +675,8 @@ def overlay_decoder(
 
 
 def load_base_unet(base: str | os.PathLike, variant: str | None = None) -> UNet2DConditionModel:
-    """The base model's UNet in fp32 (a diffusers SD directory's ``unet/``, or from a single file)."""
+    """The base model's UNet in fp32 (a diffusers SD directory's ``unet/``, or from a single
+    file)."""
     path = Path(os.path.expanduser(str(base)))
     if path.is_dir() and (path / UNET_FOLDER / "config.json").is_file():
         try:
@@ -683,7 +693,8 @@ def load_base_unet(base: str | os.PathLike, variant: str | None = None) -> UNet2
 def trained_unet(
     base: str | os.PathLike, decoder: Mapping[str, Tensor], variant: str | None = None
 ) -> UNet2DConditionModel:
-    """The full fine-tuned UNet in fp32: the base model's UNet with the trained ``decoder`` in place."""
+    """The full fine-tuned UNet in fp32: the base model's UNet with the trained ``decoder`` in
+    place."""
     unet = load_base_unet(base, variant)
     if any(p.dtype != torch.float32 for p in unet.parameters()):
         unet.to(dtype=torch.float32)
@@ -692,13 +703,15 @@ def trained_unet(
 
 def unet_from_original_file(path: str | os.PathLike, config: Mapping) -> UNet2DConditionModel:
     """A fp32 ``UNet2DConditionModel`` of ``config`` from a ``model.diffusion_model.*`` file
-    (read safely; keys mapped with diffusers' own ``convert_ldm_unet_checkpoint``, loaded strictly)."""
+    (read safely; keys mapped with diffusers' own ``convert_ldm_unet_checkpoint``, loaded
+    strictly)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     state, _ = read_state_dict(path, what="UNet")
     if not any(k.startswith("model.diffusion_model.") for k in state):
         raise CheckpointFormatError(
-            f"{path}: no model.diffusion_model.* tensors; expected a UNet in the SD checkpoint layout"
+            f"{path}: no model.diffusion_model.* tensors; "
+            "expected a UNet in the SD checkpoint layout"
         )
     converted = convert_ldm_unet_checkpoint(state, dict(config))
     return load_strict(UNet2DConditionModel, config, converted, f"{path}")
@@ -719,7 +732,8 @@ def _is_run_directory(path: Path) -> bool:
 
 @dataclass
 class CompanionUNet:
-    """A fine-tuned UNet (``sd_locked: false``) that goes with a ControlNet, and where it comes from.
+    """A fine-tuned UNet (``sd_locked: false``) that goes with a ControlNet, and where it comes
+    from.
 
     Exactly one of ``decoder`` (trained decoder tensors from a checkpoint, to put into the base
     model's UNet), ``folder`` (a diffusers UNet folder) or ``original`` (a UNet file in the SD
@@ -808,9 +822,10 @@ def load_companion_unet(
         base_path = base or weights.hparams.get("pretrained_model_path")
         if not base_path or not Path(os.path.expanduser(str(base_path))).exists():
             raise ConfigError(
-                f"{weights.source} was trained with sd_locked=false but its base model {base_path!r} is not at "
-                "hand: pass --base (the Stable Diffusion model it was trained on) to write the full UNet, "
-                "or --controlnet-only"
+                f"{weights.source} was trained with sd_locked=false "
+                f"but its base model {base_path!r} is not at hand: "
+                "pass --base (the Stable Diffusion model it was trained on) "
+                "to write the full UNet, or --controlnet-only"
             )
         return trained_unet(base_path, companion.decoder, weights.hparams.get("variant"))
     if companion.folder is not None:
@@ -847,7 +862,8 @@ def save_controlnet_folder(
 
 
 def save_unet_folder(unet: UNet2DConditionModel, out: str | os.PathLike) -> Path:
-    """Save a UNet as a diffusers folder atomically (what ``UNet2DConditionModel.from_pretrained`` reads)."""
+    """Save a UNet as a diffusers folder atomically (what
+    ``UNet2DConditionModel.from_pretrained`` reads)."""
     out = Path(out)
     with atomic_directory(out) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)

@@ -1,4 +1,5 @@
-"""Exact conversion between diffusers' ControlNet layout and the original ``control_model.*`` layout.
+"""Exact conversion between diffusers' ControlNet layout and the original ``control_model.*``
+layout.
 
 The original layout is the one written by the ControlNet authors' ``cldm.py`` and loaded by
 AUTOMATIC1111's sd-webui-controlnet and ComfyUI. diffusers only converts original -> diffusers
@@ -59,7 +60,8 @@ _Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str]]
 
 
 def _resnet_suffix(suffix: str) -> str:
-    """Rename the first component of a ResNet sub-key, e.g. ``norm1.weight`` -> ``in_layers.0.weight``."""
+    """Rename the first component of a ResNet sub-key, e.g. ``norm1.weight`` ->
+    ``in_layers.0.weight``."""
     head, _, tail = suffix.partition(".")
     if head not in _RESNET_RENAMES:
         raise CheckpointFormatError(f"unknown ResNet parameter {suffix!r}")
@@ -67,7 +69,8 @@ def _resnet_suffix(suffix: str) -> str:
 
 
 def _encoder_rules(layers_per_block: int) -> list[_Rule]:
-    """Rules for the parts the ControlNet shares with the UNet: time embedding, input and middle blocks."""
+    """Rules for the parts the ControlNet shares with the UNet: time embedding, input and middle
+    blocks."""
     step = (
         layers_per_block + 1
     )  # input_blocks per down block: its resnets (+attention) then a downsampler
@@ -192,7 +195,8 @@ def _check_hint_encoder(config: Mapping[str, Any]) -> None:
     if inner != _HINT_INNER_BLOCKS:
         raise CheckpointFormatError(
             f"conditioning_embedding_out_channels={list(channels)} gives {inner} inner hint convs; "
-            f"the original format has exactly {_HINT_INNER_BLOCKS} (4 channel stages, e.g. [16, 32, 96, 256])"
+            f"the original format has exactly {_HINT_INNER_BLOCKS} "
+            "(4 channel stages, e.g. [16, 32, 96, 256])"
         )
 
 
@@ -225,7 +229,8 @@ def unet_to_original(
 def original_to_controlnet(
     state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
 ) -> dict[str, Tensor]:
-    """Map an original ``control_model.*`` state dict to diffusers keys with diffusers' own converter.
+    """Map an original ``control_model.*`` state dict to diffusers keys with diffusers' own
+    converter.
 
     Accepts keys with or without the ``control_model.`` prefix (as diffusers does). Class/label
     embeddings, which diffusers' converter skips, are carried over as well.
@@ -236,7 +241,8 @@ def original_to_controlnet(
     missing = sorted(k for k, v in converted.items() if v is None)
     if missing:
         raise CheckpointFormatError(
-            f"original ControlNet state dict lacks {len(missing)} tensors diffusers expects, e.g. {missing[0]!r}"
+            f"original ControlNet state dict lacks {len(missing)} tensors diffusers expects, "
+            f"e.g. {missing[0]!r}"
         )
     converted.update(_label_embeddings_to_diffusers(state_dict, config))
     return converted
@@ -289,12 +295,14 @@ def strip_control_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def hint_encoder_shape(state_dict: Mapping[str, Tensor]) -> tuple[tuple[int, ...], int]:
-    """``(conditioning_embedding_out_channels, conditioning_channels)`` read from an original hint encoder."""
+    """``(conditioning_embedding_out_channels, conditioning_channels)`` read from an original hint
+    encoder."""
     state = strip_control_prefix(state_dict)
     missing = [k for k in _HINT_STAGE_KEYS if f"{k}.weight" not in state]
     if missing:
         raise CheckpointFormatError(
-            f"not an original-format ControlNet: no {missing[0]!r} weight (expected control_model.input_hint_block.*)"
+            f"not an original-format ControlNet: no {missing[0]!r} weight "
+            "(expected control_model.input_hint_block.*)"
         )
     channels = tuple(int(state[f"{k}.weight"].shape[0]) for k in _HINT_STAGE_KEYS)
     return channels, int(state["input_hint_block.0.weight"].shape[1])

@@ -20,7 +20,8 @@ SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
 
 def make_sampler(name: str, scheduler_config: dict) -> DDIMScheduler | UniPCMultistepScheduler:
-    """A fresh inference scheduler ``name`` sharing the training noise schedule ``scheduler_config``."""
+    """A fresh inference scheduler ``name`` sharing the training noise schedule
+    ``scheduler_config``."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name].from_config(scheduler_config)

@@ -1,4 +1,5 @@
-"""Load Stable Diffusion 1.x / 2.x from one original-format (CompVis/Stability LDM) checkpoint, offline.
+"""Load Stable Diffusion 1.x / 2.x from one original-format (CompVis/Stability LDM) checkpoint,
+offline.
 
 The weights come from the file; the architectures come from config folders shipped in this package
 (``configs/sd15``, ``configs/sd21``, ``configs/sd21-base``, each laid out like a diffusers pipeline
@@ -40,7 +41,8 @@ _CROSS_ATTN_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
 
 
 def config_dir(variant: str) -> Path:
-    """The shipped diffusers-layout config folder of ``variant`` (``sd15``, ``sd21``, ``sd21-base``)."""
+    """The shipped diffusers-layout config folder of ``variant`` (``sd15``, ``sd21``,
+    ``sd21-base``)."""
     if variant not in VARIANTS:
         raise BackboneLoadError(
             f"unknown Stable Diffusion variant {variant!r}; expected one of {', '.join(VARIANTS)}"
@@ -50,7 +52,8 @@ def config_dir(variant: str) -> Path:
 
 def variant_for_cross_attention(width: int | None) -> str:
     """The shipped architecture (``sd15`` or ``sd21``) a UNet or ControlNet with this text-encoder
-    width (768 or 1024) has; anything else asks for the base model (one line, :class:`ConfigError`)."""
+    width (768 or 1024) has; anything else asks for the base model (one line,
+    :class:`ConfigError`)."""
     variant = SHIPPED_VARIANT_BY_WIDTH.get(width or 0)
     if variant is None:
         raise ConfigError(
@@ -80,7 +83,8 @@ _PREDICTION_VALUES = {
 
 
 def recorded_prediction_type(records: dict[str, Any]) -> str | None:
-    """``"v_prediction"`` / ``"epsilon"`` when the file records it (see ``_PREDICTION_KEYS``), else ``None``."""
+    """``"v_prediction"`` / ``"epsilon"`` when the file records it (see ``_PREDICTION_KEYS``),
+    else ``None``."""
     for key in _PREDICTION_KEYS:
         value = records.get(key)
         if value is not None and str(value).strip().lower() in _PREDICTION_VALUES:
@@ -89,14 +93,16 @@ def recorded_prediction_type(records: dict[str, Any]) -> str | None:
 
 
 def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict>") -> str:
-    """Return ``"sd1"`` or ``"sd2"`` from the text encoder layout; raise if this is no SD1/SD2 checkpoint."""
+    """Return ``"sd1"`` or ``"sd2"`` from the text encoder layout; raise if this is no SD1/SD2
+    checkpoint."""
     missing = [
         name for name, key in (("UNet", _UNET_PROBE), ("VAE", _VAE_PROBE)) if key not in state_dict
     ]
     if missing:
         probe = _UNET_PROBE if "UNet" in missing else _VAE_PROBE
         raise BackboneLoadError(
-            f"{path}: not an original-format Stable Diffusion checkpoint (no {' or '.join(missing)} weights, "
+            f"{path}: not an original-format Stable Diffusion checkpoint "
+            f"(no {' or '.join(missing)} weights, "
             f"e.g. {probe!r}); expected a full SD1.x/SD2.x .safetensors/.ckpt"
         )
     if _CLIP_PROBE in state_dict:
@@ -106,7 +112,8 @@ def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise BackboneLoadError(f"{path}: looks like an SDXL checkpoint; expected SD1.x or SD2.x")
     raise BackboneLoadError(
-        f"{path}: no text encoder weights ({_CLIP_PROBE!r} for SD1 or {_OPEN_CLIP_PROBE!r} for SD2); "
+        f"{path}: no text encoder weights "
+        f"({_CLIP_PROBE!r} for SD1 or {_OPEN_CLIP_PROBE!r} for SD2); "
         "expected a full SD1.x/SD2.x checkpoint"
     )
 
@@ -121,9 +128,10 @@ def _resolve_variant(
             return "sd15"
         if prediction is None:
             raise BackboneLoadError(
-                f"{path}: SD2.x weights do not say whether this is the 768 px v-prediction or the 512 px "
-                "epsilon model and the file records no prediction type: set model.variant=sd21 (768, v) or "
-                "model.variant=sd21-base (512, epsilon) (--variant for generate/evaluate)"
+                f"{path}: SD2.x weights do not say whether this is the 768 px v-prediction "
+                "or the 512 px epsilon model and the file records no prediction type: "
+                "set model.variant=sd21 (768, v) or model.variant=sd21-base (512, epsilon) "
+                "(--variant for generate/evaluate)"
             )
         return SD2_VARIANT_BY_PREDICTION[prediction]
     config_dir(variant)  # validates the name
@@ -137,7 +145,8 @@ def _resolve_variant(
 def _check_architecture(
     state_dict: dict[str, Tensor], unet_config: dict[str, Any], path: Path
 ) -> None:
-    """Fail early, in one line, when the weights do not fit the UNet config (inpainting, other context dim)."""
+    """Fail early, in one line, when the weights do not fit the UNet config (inpainting, other
+    context dim)."""
     in_channels = state_dict[_UNET_PROBE].shape[1]
     if in_channels != unet_config["in_channels"]:
         raise BackboneLoadError(
@@ -155,7 +164,8 @@ def _check_architecture(
 def _check_weights_complete(
     state_dict: dict[str, Tensor], configs: Path, family: str, path: Path
 ) -> None:
-    """Convert the keys with diffusers' converters and check every parameter of each component is there.
+    """Convert the keys with diffusers' converters and check every parameter of each component is
+    there.
 
     diffusers loads single files with ``strict=False``; a checkpoint with a tensor missing would
     otherwise fail later with an unrelated message (or keep an uninitialised weight). The models are
@@ -198,7 +208,8 @@ def _check_weights_complete(
 
 
 def load_clip_tokenizer(tokenizer_dir: str | Path) -> Any:
-    """A ``CLIPTokenizer`` from a settings-only ``tokenizer/`` folder plus the shipped BPE vocabulary.
+    """A ``CLIPTokenizer`` from a settings-only ``tokenizer/`` folder plus the shipped BPE
+    vocabulary.
 
     Falls back to the folder's own ``vocab.json``/``merges.txt`` when it has them.
     """
@@ -221,7 +232,8 @@ def load_single_file_components(
     config_dir_override: str | Path | None = None,
     torch_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Build ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``noise_scheduler`` from one SD file.
+    """Build ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``noise_scheduler`` from one SD
+    file.
 
     ``variant`` is ``"sd15"``, ``"sd21"`` (768 px, v-prediction) or ``"sd21-base"`` (512 px,
     epsilon). Without it, SD1 weights give ``"sd15"``; SD2 weights need the prediction type recorded
