@@ -226,14 +226,7 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     state_file = _lightning_state_file(path)
     if state_file is None:
         raise ConfigError(f"{str(path)!r} holds no DeepSpeed model states to resume from")
-    try:
-        state = safe_torch_load(state_file, mmap=True, deepspeed=path.is_dir())
-    except UnsafeCheckpointError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is the user's input error
-        raise CheckpointFormatError(
-            f"cannot read checkpoint {str(path)!r}: {first_line(err)}"
-        ) from err
+    state = _read_checkpoint_file(state_file, path, mmap=True, deepspeed=path.is_dir())
     return int(state.get("global_step", 0)) if isinstance(state, dict) else 0
 
 
@@ -312,15 +305,21 @@ def _single_tag(path: Path) -> str:
     return tags[0]
 
 
-def _load_lightning_file(path: Path) -> dict[str, Tensor]:
+def _read_checkpoint_file(file: Path, source: Path, **load_args: Any) -> Any:
+    """:func:`safe_torch_load` of ``file`` (part of the checkpoint ``source``); a file that cannot
+    be read is the user's input error: one line naming ``source``."""
     try:
-        checkpoint = safe_torch_load(path, map_location="cpu")
+        return safe_torch_load(file, **load_args)
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
         raise CheckpointFormatError(
-            f"cannot read checkpoint {str(path)!r}: {first_line(err)}"
+            f"cannot read checkpoint {str(source)!r}: {first_line(err)}"
         ) from err
+
+
+def _load_lightning_file(path: Path) -> dict[str, Tensor]:
+    checkpoint = _read_checkpoint_file(path, path, map_location="cpu")
     if not isinstance(checkpoint, dict):
         raise CheckpointFormatError(f"{str(path)!r} does not hold a dict")
     return checkpoint.get("state_dict", checkpoint)
