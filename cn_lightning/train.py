@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cn_lightning import log
+from cn_lightning.batching import BatchPlan
 from cn_lightning.config import register_resolvers
 from cn_lightning.errors import CnLightningError, ConfigError, error_line
 from cn_lightning.models.checkpoints import (
@@ -130,45 +131,27 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
     )
-    trainer.accumulate_grad_batches = resolve_accumulation(cfg, trainer.world_size)
+    plan = batch_plan(cfg, trainer.world_size, trainer.num_nodes)
+    trainer.accumulate_grad_batches = plan.accumulate_grad_batches
     return trainer
+
+
+def batch_plan(cfg: DictConfig, world_size: int, num_nodes: int = 1) -> BatchPlan:
+    """The :class:`BatchPlan` of ``cfg`` on ``world_size`` processes (``data.batch_size`` per
+    device; ``logical_batch_size`` or ``trainer.accumulate_grad_batches``)."""
+    return BatchPlan.resolve(
+        per_device_batch_size=int(cfg.data.get("batch_size", 1)),
+        world_size=world_size,
+        num_nodes=num_nodes,
+        logical_batch_size=cfg.get("logical_batch_size"),
+        accumulate_grad_batches=cfg.trainer.get("accumulate_grad_batches"),
+    )
 
 
 def resolve_accumulation(cfg: DictConfig, world_size: int) -> int:
     """Accumulation steps: ``logical_batch_size / (per-device batch x world size)`` when the
     config states a logical batch, else ``trainer.accumulate_grad_batches``."""
-    explicit = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    logical = cfg.get("logical_batch_size")
-    if not logical:
-        return explicit
-    if explicit != 1:
-        raise ConfigError(
-            f"set either logical_batch_size ({logical}) or trainer.accumulate_grad_batches "
-            f"({explicit}), not both (logical_batch_size=null keeps the explicit accumulation)"
-        )
-    per_device = int(cfg.data.get("batch_size", 1))
-    per_step = per_device * world_size
-    if logical % per_step:
-        raise ConfigError(
-            f"logical_batch_size={logical} is not divisible by data.batch_size={per_device} x "
-            f"{world_size} devices (x nodes) = {per_step}; change one of them"
-        )
-    return logical // per_step
-
-
-def global_batch(cfg: DictConfig, trainer: L.Trainer) -> dict[str, int]:
-    """The global batch and its factors: per device x devices x nodes x accumulation."""
-    per_device = int(cfg.data.get("batch_size", 1))
-    nodes = int(trainer.num_nodes)
-    devices = int(trainer.world_size) // max(nodes, 1)
-    accumulate = int(trainer.accumulate_grad_batches)
-    return {
-        "per_device_batch_size": per_device,
-        "devices_per_node": devices,
-        "num_nodes": nodes,
-        "accumulate_grad_batches": accumulate,
-        "global_batch_size": per_device * devices * nodes * accumulate,
-    }
+    return batch_plan(cfg, world_size).accumulate_grad_batches
 
 
 class _StartStepReporter(L.Callback):
@@ -204,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, callbacks, loggers)
     log_run_summary(cfg, trainer)
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams["scale"] = global_batch(cfg, trainer)
+    hparams["scale"] = batch_plan(cfg, trainer.world_size, trainer.num_nodes).as_dict()
     for logger in loggers:
         logger.log_hyperparams(hparams)
     if resume_from:
@@ -223,15 +206,10 @@ def log_run_summary(cfg: DictConfig, trainer: L.Trainer) -> None:
     """Say the run directory, the global batch and how it is made (rank 0)."""
     if not trainer.is_global_zero:
         return
-    b = global_batch(cfg, trainer)
-    target = cfg.get("logical_batch_size")
-    aim = f" (logical_batch_size {target})" if target else ""
-    world = b["devices_per_node"] * b["num_nodes"]
+    plan = batch_plan(cfg, trainer.world_size, trainer.num_nodes)
     log.info(
         f"run dir: {cfg.paths.output_dir} | global batch = "
-        f"{b['per_device_batch_size']} per device x {world} devices x "
-        f"{b['accumulate_grad_batches']} accumulation = {b['global_batch_size']}{aim} "
-        f"({b['devices_per_node']} devices per node x {b['num_nodes']} nodes) "
+        f"{plan.describe(cfg.get('logical_batch_size'))} "
         f"| strategy {type(trainer.strategy).__name__}"
     )
     print_cluster_summary(trainer)

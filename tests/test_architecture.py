@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cn_lightning.serialization",
             "cn_lightning.loggers",
             "cn_lightning.cli",
+            "cn_lightning.batching",
         ),
     ),
     ("conditions", ("cn_lightning.conditions",)),
