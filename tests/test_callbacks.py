@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import lightning as L
@@ -268,3 +269,35 @@ def test_sample_grid_without_usable_val_samples_names_the_cause(tmp_path):
             "val_shards: no sample for the sample grid: every sample read was skipped"
         )
         assert "3 skipped: bad_latent x3" in message and cause in message and "k0" in message
+
+
+@pytest.mark.parametrize("grid_in", ["batch_end", "between_batches"])
+def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
+    """A grid drawn in a batch's end hooks, or between two batches, is not training time."""
+    from types import SimpleNamespace
+
+    samples = SampleGridLogger(every_n_steps=4, num_samples=2)
+    trainer = SimpleNamespace(callbacks=[samples], global_step=0, world_size=1)
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(
+        device=torch.device("cpu"), log=lambda name, value, **_: logged.__setitem__(name, value)
+    )
+    throughput = ThroughputLogger(window=4, count_flops=False)
+    batch = {"prompt": ["a", "b"]}
+
+    def draw_grid(seconds: float = 0.3) -> None:
+        time.sleep(seconds)
+        samples.total_sampling_s += seconds
+
+    for _ in range(3):
+        throughput.on_train_batch_start(trainer, module, batch, 0)
+        time.sleep(0.05)  # the training step
+        trainer.global_step += 1
+        if grid_in == "batch_end":
+            draw_grid()
+        throughput.on_train_batch_end(trainer, module, None, batch, 0)
+        if grid_in == "between_batches":
+            draw_grid()
+    assert 0.04 < logged["perf/compute_s"] < 0.15
+    assert logged["perf/data_wait_s"] < 0.1
+    assert 1 / logged["perf/steps_per_s"] < 0.2

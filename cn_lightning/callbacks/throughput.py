@@ -59,6 +59,7 @@ class ThroughputLogger(L.Callback):
         self._last_end: float | None = None
         self._sampling_at_end = 0.0
         self._batch_start = 0.0
+        self._sampling_at_start = 0.0
         self._wait = 0.0
         self._step_before = 0
 
@@ -79,11 +80,15 @@ class ThroughputLogger(L.Callback):
         if self._last_end is not None:
             self._wait = max(0.0, now - self._last_end - (sampling - self._sampling_at_end))
         self._batch_start = now
+        self._sampling_at_start = sampling
         self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        compute = now - self._batch_start
+        # A sample grid drawn in this batch's end hooks (they run before this one) is not
+        # training: leave it out, as between batches.
+        sampled = _sampling_seconds(trainer) - self._sampling_at_start
+        compute = max(0.0, now - self._batch_start - sampled)
         samples = len(batch["prompt"]) if "prompt" in batch else _batch_size(batch)
         steps = trainer.global_step - self._step_before
         self._batches.append((self._wait + compute, self._wait, compute, samples, steps))

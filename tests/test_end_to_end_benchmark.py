@@ -1,0 +1,37 @@
+"""benchmarks/end_to_end.py runs both trainings and prints its ratios (a short run)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_prints_both_loops_and_the_shares(tmp_path):
+    env = {"CN_LIGHTNING_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/end_to_end.py", "--steps", "45", "--warmup", "20"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    step = re.search(r"\| steady s/step \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|", out)
+    assert step, out
+    plain, ours, ratio = map(float, step.groups())
+    assert plain > 0 and ours > 0 and abs(ratio - ours / plain) < 0.01
+    assert re.search(r"\| wall time \(s\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", out)
+    shares = re.search(
+        r"sample grids [\d.]+ s \(([\d.]+)% .*\(([\d.]+)%; data wait .*\(([\d.]+)%\)", out
+    )
+    assert shares, out
+    values = [float(v) for v in shares.groups()]
+    assert all(0 <= v <= 100 for v in values) and sum(values) >= 99  # the rest is never negative
