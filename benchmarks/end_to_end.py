@@ -92,33 +92,16 @@ def load_shards(url_dir: Path, resolution: int) -> list[tuple]:
 def run_plain(steps: int, warmup: int, seed: int, lr: float, batch_size: int) -> dict:
     """diffusers' train_controlnet.py loop on the same data, timed per step."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import ControlNetModel
+    from plain_loop import build_plain, plain_step
     from torch.utils.data import DataLoader
 
     from cn_lightning.config import asset, circle_shards
-    from cn_lightning.models.backbone import load_backbone
-    from cn_lightning.models.controlnet import hint_channels_for
 
     start = time.perf_counter()
     torch.manual_seed(seed)
     shards = Path(circle_shards(str(CACHE / "circles_32px_4000"), 4000, 32))
     data = load_shards(shards, 32)
-    bb = load_backbone(asset("toy_sd"))
-    vae, text_encoder, unet, tokenizer, sched = (
-        bb.vae,
-        bb.text_encoder,
-        bb.unet,
-        bb.tokenizer,
-        bb.noise_scheduler,
-    )
-    for frozen in (vae, text_encoder, unet):
-        frozen.requires_grad_(False)
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=hint_channels_for(bb.vae_scale_factor)
-    )
-    controlnet.train()
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
+    parts = build_plain(asset("toy_sd"), lr)
 
     def collate(batch):
         images, conditions, prompts = zip(*batch, strict=True)
@@ -131,39 +114,7 @@ def run_plain(steps: int, warmup: int, seed: int, lr: float, batch_size: int) ->
     while step < steps:
         for images, conditions, prompts in loader:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-                prompts = ["" if torch.rand(()) < 0.5 else p for p in prompts]
-                ids = tokenizer(
-                    prompts,
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-                emb = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
-            noisy = sched.add_noise(latents, noise, t)
-            down, mid = controlnet(
-                noisy, t, encoder_hidden_states=emb, controlnet_cond=conditions, return_dict=False
-            )
-            pred = unet(
-                noisy,
-                t,
-                encoder_hidden_states=emb,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0]
-            target = (
-                noise
-                if sched.config.prediction_type == "epsilon"
-                else sched.get_velocity(latents, noise, t)
-            )
-            F.mse_loss(pred.float(), target.float()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plain_step(parts, images, conditions, prompts)
             times.append(time.perf_counter() - t0)
             step += 1
             if step >= steps:

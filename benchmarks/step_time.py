@@ -24,12 +24,9 @@ warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import ControlNetModel  # noqa: E402
+from plain_loop import build_plain, plain_step  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from cn_lightning.models.backbone import load_backbone  # noqa: E402
-from cn_lightning.models.controlnet import hint_channels_for  # noqa: E402
 from cn_lightning.models.module import ControlNetModule  # noqa: E402
 from cn_lightning.models.tiny import write_tiny_backbone  # noqa: E402
 
@@ -48,56 +45,12 @@ def make_batches(n: int, batch: int, size: int) -> list[dict]:
 
 def plain_loop(model_dir: str, batches: list[dict], warmup: int) -> float:
     """Seconds per step of a hand-written PyTorch loop (diffusers' train_controlnet.py style)."""
-    bb = load_backbone(model_dir)
-    vae, text_encoder, unet, tokenizer, sched = (
-        bb.vae,
-        bb.text_encoder,
-        bb.unet,
-        bb.tokenizer,
-        bb.noise_scheduler,
-    )
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=hint_channels_for(bb.vae_scale_factor)
-    )
-    controlnet.train()
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, weight_decay=1e-2)
+    parts = build_plain(model_dir, lr=1e-5)
     start = None
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        with torch.no_grad():
-            latents = vae.encode(batch["image"]).latent_dist.sample() * vae.config.scaling_factor
-            prompts = ["" if torch.rand(()) < 0.5 else p for p in batch["prompt"]]
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            emb = text_encoder(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
-        noisy = sched.add_noise(latents, noise, t)
-        down, mid = controlnet(
-            noisy,
-            t,
-            encoder_hidden_states=emb,
-            controlnet_cond=batch["condition"],
-            return_dict=False,
-        )
-        pred = unet(
-            noisy,
-            t,
-            encoder_hidden_states=emb,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(parts, batch["image"], batch["condition"], batch["prompt"])
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
