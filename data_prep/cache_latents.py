@@ -37,9 +37,10 @@ from cn_lightning.data.format import (
     read_manifest,
     write_shard_atomic,
 )
+from cn_lightning.data.shard_writer import STATS_DIR, is_finished, stats_path
 from cn_lightning.data.stream import SkipCounter, iter_tar
 from cn_lightning.data.transforms import center_crop_resize
-from data_prep.common import STATS_DIR, die, resolve_parts
+from data_prep.common import die, resolve_parts
 
 
 def load_vae(model: str, device: torch.device, dtype: torch.dtype):
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     mine = [u for i, u in enumerate(urls) if i % num_parts == part_index]
-    todo = [u for u in mine if not _finished(args.out, os.path.basename(u))]
+    todo = [u for u in mine if not is_finished(args.out, os.path.basename(u))]
     pool = ThreadPoolExecutor(args.decode_threads) if args.decode_threads > 0 else None
     progress = tqdm(total=_expected_samples(source, todo), desc="cache_latents", unit="sample")
     encoded, start_all = 0, time.perf_counter()
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             count, nbytes = write_shard_atomic(os.path.join(args.out, name), samples)
             write_json_atomic(
-                _stats_path(args.out, name),
+                stats_path(args.out, name),
                 {
                     "name": name,
                     "num_samples": count,
@@ -292,15 +293,6 @@ def main(argv: list[str] | None = None) -> None:
         f"(this run: {encoded} samples in {len(todo)} shards, {rate}, skipped "
         f"{len(mine) - len(todo)} finished)"
     )
-
-
-def _stats_path(out: str, name: str) -> str:
-    return os.path.join(out, STATS_DIR, name.replace(".tar", ".json"))
-
-
-def _finished(out: str, name: str) -> bool:
-    """Written by an earlier run: the shard and its stats file exist (the stats come last)."""
-    return os.path.exists(os.path.join(out, name)) and os.path.exists(_stats_path(out, name))
 
 
 def _expected_samples(source: dict | None, urls: list[str]) -> int | None:

@@ -173,7 +173,8 @@ class RunSummary:
         return self.samples_written / self.worker_seconds if self.worker_seconds else 0.0
 
 
-def _stats_path(out: str, name: str) -> str:
+def stats_path(out: str, name: str) -> str:
+    """Where the stats of shard ``name`` go; written last, so they mark the shard finished."""
     return os.path.join(out, STATS_DIR, name.replace(".tar", ".json"))
 
 
@@ -207,7 +208,7 @@ def _check_config(cfg: PrepConfig, num_inputs: int) -> None:
 
 def is_finished(out: str, name: str) -> bool:
     """A shard is finished when its tar and its stats file both exist."""
-    return os.path.exists(os.path.join(out, name)) and os.path.exists(_stats_path(out, name))
+    return os.path.exists(os.path.join(out, name)) and os.path.exists(stats_path(out, name))
 
 
 def plan_shards(num_items: int, samples_per_shard: int) -> list[tuple[int, int, int]]:
@@ -264,7 +265,7 @@ def _execute(tasks: list, maker: SampleMaker, cfg: PrepConfig) -> list[dict[str,
     )
 
     def record(stats: dict[str, Any]) -> None:
-        write_json_atomic(_stats_path(cfg.out, stats["name"]), stats)
+        write_json_atomic(stats_path(cfg.out, stats["name"]), stats)
         done.append(stats)
         bar.update(stats["num_inputs"])
         bar.set_postfix(rejected=sum(len(s["rejected"]) for s in done))
