@@ -399,43 +399,32 @@ def test_our_own_checkpoints_resume_with_the_allow_list(tiny_sd_path, train_shar
     from cn_lightning.export import main as export_main
 
     scales = "model.control_scales=[1,1,1,1,1,1,1]"
-    first = _train(tiny_sd_path, train_shards, tmp_path / "a", scales)
-    assert first.returncode == 0, first.stderr[-3000:]
-    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
-    verify_safe_checkpoint(last)
-    again = _train(
-        tiny_sd_path,
-        train_shards,
-        tmp_path / "b",
-        scales,
-        f"ckpt_path={last}",
-        "trainer.max_steps=4",
-    )
-    assert again.returncode == 0 and "training starts at step 2" in again.stdout, again.stderr[
-        -3000:
-    ]
 
-    ds = [
+    def train_check_resume(name: str, *overrides: str) -> Path:
+        first = _train(tiny_sd_path, train_shards, tmp_path / name, scales, *overrides)
+        assert first.returncode == 0, first.stderr[-3000:]
+        last = tmp_path / name / "run" / "checkpoints" / "last.ckpt"
+        verify_safe_checkpoint(last)
+        again = _train(
+            tiny_sd_path,
+            train_shards,
+            tmp_path / f"{name}_resumed",
+            scales,
+            *overrides,
+            f"ckpt_path={last}",
+            "trainer.max_steps=4",
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "training starts at step 2" in again.stdout, again.stderr[-3000:]
+        return last
+
+    train_check_resume("file")
+    directory = train_check_resume(
+        "deepspeed",
         "strategy=deepspeed_stage_2",
         "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy",
         "trainer.devices=1",
-        scales,
-    ]
-    first = _train(tiny_sd_path, train_shards, tmp_path / "c", *ds)
-    assert first.returncode == 0, first.stderr[-3000:]
-    directory = tmp_path / "c" / "run" / "checkpoints" / "last.ckpt"
-    verify_safe_checkpoint(directory)
-    again = _train(
-        tiny_sd_path,
-        train_shards,
-        tmp_path / "d",
-        *ds,
-        f"ckpt_path={directory}",
-        "trainer.max_steps=4",
     )
-    assert again.returncode == 0 and "training starts at step 2" in again.stdout, again.stderr[
-        -3000:
-    ]
     assert (
         export_main([str(directory), "--format", "diffusers", "--out", str(tmp_path / "export")])
         == 0
