@@ -197,20 +197,138 @@ def tar_samples(stream, url: str) -> Iterator[dict[str, bytes | str]]:
     """The members of an open tar stream grouped into raw samples by key (WebDataset's
     convention): ``{"__key__", "__url__", ext: bytes}``, each yielded once it is complete. If the
     tar breaks off, the sample being read is not yielded and the error propagates."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    from webdataset.tariterators import base_plus_ext
 
     current: dict[str, bytes | str] | None = None
-    for member in tar_file_iterator(stream):
-        key, ext = base_plus_ext(member["fname"])
+    for name, data in tar_members(stream):
+        key, ext = base_plus_ext(name)
         if key is None:
             continue
         if current is None or current["__key__"] != key:
             if current is not None:
                 yield current
             current = {"__key__": key, "__url__": url}
-        current[ext.lower()] = member["data"]
+        current[ext.lower()] = data
     if current is not None:
         yield current
+
+
+_BLOCK = 512
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
+_REGULAR = (b"0", b"\0", b"7")
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, skipped as it does
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, in order.
+
+    A direct reader of ustar/GNU/pax headers: on small samples (the quickstart's 32 px images)
+    ``tarfile``'s per-member work is half the cost of a batch, this reader's a tenth of it.
+    Compressed tars go through ``tarfile``. Errors are ``tarfile``'s: ``ReadError`` for an empty
+    stream, a header that is not a tar header (bad checksum) or data that breaks off.
+    """
+    import tarfile
+
+    head = stream.read(_BLOCK)
+    if not head:
+        raise tarfile.ReadError("empty file")
+    if head.startswith(_COMPRESSED):
+        yield from _tarfile_members(_Prepended(head, stream))
+        return
+    long_name: bytes | None = None
+    pax: dict[bytes, bytes] = {}
+    while True:
+        if len(head) < _BLOCK:
+            if not head:
+                return  # no end-of-archive blocks: tolerated, as tarfile does
+            raise tarfile.ReadError("truncated header")
+        if head == b"\0" * _BLOCK:
+            return  # end of archive
+        if _checksum(head) != _header_number(head[148:156]):
+            raise tarfile.ReadError("invalid header")
+        size = int(pax.get(b"size", 0)) or _header_number(head[124:136])
+        data = stream.read(size) if size else b""
+        padding = -size % _BLOCK
+        if len(data) < size or (padding and len(stream.read(padding)) < padding):
+            raise tarfile.ReadError("unexpected end of data")
+        kind = head[156:157]
+        if kind == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0")
+        elif kind == b"x":
+            pax = _pax_records(data)
+        elif kind in _REGULAR:
+            name = pax.get(b"path") or long_name or _ustar_name(head)
+            long_name, pax = None, {}
+            text = name.decode("utf-8", "surrogateescape")
+            if not _META_NAME.search(text):
+                yield text, data
+        else:  # directories, links, global pax headers: nothing to read
+            long_name, pax = None, {}
+        head = stream.read(_BLOCK)
+
+
+def _checksum(header: bytes) -> int:
+    return sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+
+
+def _header_number(field: bytes) -> int:
+    """A numeric header field: octal text, or base-256 when the first byte has its top bit."""
+    import tarfile
+
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value if field[0] == 0x80 else value - 256 ** (len(field) - 1)
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError("invalid header") from None
+
+
+def _ustar_name(header: bytes) -> bytes:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            return prefix + b"/" + name
+    return name
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """``"<length> <key>=<value>\\n"`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
+        length = int(data[pos : data.index(b" ", pos)])
+        record = data[data.index(b" ", pos) + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _tarfile_members(stream) -> Iterator[tuple[str, bytes]]:
+    from webdataset.tariterators import tar_file_iterator
+
+    for member in tar_file_iterator(stream):
+        yield member["fname"], member["data"]
+
+
+class _Prepended:
+    """A read-only stream: ``head`` and then what ``stream`` has left."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(size)
+        if size is None or size < 0:
+            out, self._head = self._head + self._stream.read(), b""
+            return out
+        out, self._head = self._head[:size], self._head[size:]
+        if len(out) < size:
+            out += self._stream.read(size - len(out))
+        return out
 
 
 # ----------------------------------------------------------------------- checks before training
