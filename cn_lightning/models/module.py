@@ -42,8 +42,29 @@ from cn_lightning.models.diffusion import (
 )
 
 
+def adamw(params: Iterable, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW``, fused where the parameters' device has the fused kernel.
+
+    The fused step updates every tensor in one kernel instead of a Python loop over the
+    parameters: on the quickstart's CPU it takes 2.2 ms instead of 11.3 ms (the toy ControlNet's
+    174 tensors), a tenth of a training step. ``kwargs`` go to ``AdamW`` (``fused`` included, to
+    force either way); where fusing is not possible it is torch's default implementation.
+    """
+    params = list(params)
+    if "fused" not in kwargs:
+        try:
+            return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
 def default_optimizer(params: Iterable, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    return adamw(params, lr=lr, weight_decay=1e-2)
+
+
+# Most prompts ControlNetModule.encode_prompt keeps (77 x 768 fp32 is 236 kB each for SD1.5).
+PROMPT_CACHE_SIZE = 64
 
 
 class ControlNetModule(FrozenPartsMixin, L.LightningModule):
@@ -145,6 +166,8 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # (optimizer step, micro-batches seen in it): the key of each micro-batch's generator.
         self._micro = (-1, 0)
         self._rng_step = -1
+        # Prompt -> text embedding (tokens, hidden) on the module's device: see encode_prompt.
+        self._prompt_cache: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -201,9 +224,28 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
 
     # ------------------------------------------------------------------------------ encoders
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts to text-encoder hidden states, (B, tokens, hidden)."""
-        return encode_prompt(self.tokenizer, self.text_encoder, prompts, self.device)
+    def encode_prompt(self, prompts: Sequence[str], cache: bool = False) -> torch.Tensor:
+        """Prompts to text-encoder hidden states, (B, tokens, hidden).
+
+        The empty prompt (half of the training prompts) is encoded once and kept; with ``cache``
+        every prompt of the call is kept too (the sample grid's fixed prompts), up to
+        ``PROMPT_CACHE_SIZE``. The text encoder is frozen, so a kept embedding never goes stale.
+        """
+        kept = self._prompt_cache
+        if kept and next(iter(kept.values())).device != self.device:
+            kept.clear()  # the module moved
+        wanted = {p for p in prompts if p not in kept and (cache or p == "")}
+        if len(kept) + len(wanted) > PROMPT_CACHE_SIZE:
+            kept.clear()
+        new = list(dict.fromkeys(p for p in prompts if p not in kept))
+        if new:
+            encoded = encode_prompt(self.tokenizer, self.text_encoder, new, self.device)
+            fresh = dict(zip(new, encoded, strict=True))
+            keep = [p for p in new if cache or p == ""][: PROMPT_CACHE_SIZE - len(kept)]
+            kept.update({p: fresh[p] for p in keep})
+        else:
+            fresh = {}
+        return torch.stack([kept[p] if p in kept else fresh[p] for p in prompts])
 
     @torch.no_grad()
     def encode_image(
@@ -372,8 +414,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # Gradients here are complete (accumulated, all-reduced, unscaled for fp16). Under
         # DeepSpeed they live in its own buffers; its optimizer checks them itself.
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        # One host sync for all gradients, not one per tensor.
-        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        finite = all_finite(grads)
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.numerics.flag_window()
 
@@ -406,7 +447,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         condition: torch.Tensor,
         prompts: Sequence[str],
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         seed: int | Sequence[int] = 0,
         sampler: str | None = None,
         negative_prompt: str = "",
@@ -415,41 +456,46 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         """Generate images for conditions and prompts with classifier-free guidance.
 
         The unconditional branch uses ``negative_prompt`` (default "") and the same condition,
-        as the original does.
+        as the original does. Rows with guidance 1 need no unconditional branch and get none, so
+        one call can mix guided rows and rows without guidance (the sample grid's with- and
+        without-prompt samples) in one batch per denoising step.
 
         Args:
             condition: (B, 3, H, W) in [0, 1]; H and W divisible by the VAE factor.
             prompts: B prompts.
+            guidance_scale: one scale for the batch, or one per sample (``None``: the model's).
             seed: one seed for the whole batch, or one per sample.
 
         Returns:
             (B, 3, H, W) images in [0, 1], fp32, on the module's device.
         """
+        b = condition.shape[0]
         steps = num_inference_steps or self.hparams.sample_steps
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        scales = [float(scale)] * b if isinstance(scale, (int, float)) else list(map(float, scale))
+        if len(scales) != b:
+            raise ConfigError(f"guidance_scale: {len(scales)} scales for {b} samples")
+        guided = [i for i, s in enumerate(scales) if s != 1.0]
         scheduler = self.make_sampler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
         condition = condition.to(self.device, torch.float32)
         latents = self._initial_latents(condition, seed) * scheduler.init_noise_sigma
-        cond_emb = self.encode_prompt(prompts)
-        use_cfg = scale != 1.0
-        if use_cfg:
-            uncond_emb = self.encode_prompt([negative_prompt] * len(prompts))
-            text = torch.cat([uncond_emb, cond_emb])
-            control = torch.cat([condition, condition])
-        else:
-            text, control = cond_emb, condition
+        # Rows 0..B-1 with their prompts, then the guided rows again with the negative prompt.
+        text = self.encode_prompt([*prompts, *[negative_prompt] * len(guided)], cache=True)
+        control = torch.cat([condition, condition[guided]])
+        weight = torch.tensor([scales[i] for i in guided], device=self.device).view(-1, 1, 1, 1)
         extra = (
             {"eta": self.hparams.eta if eta is None else eta} if sampler_is_ddim(scheduler) else {}
         )
         for t in scheduler.timesteps:
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = torch.cat([latents, latents[guided]])
             model_in = scheduler.scale_model_input(model_in, t)
             timesteps = t.expand(model_in.shape[0]).to(self.device)
             pred = self(model_in, timesteps, text, control)
-            if use_cfg:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + scale * (cond - uncond)
+            pred, uncond = pred[:b], pred[b:]
+            if guided:
+                pred = pred.clone()
+                pred[guided] = uncond + weight * (pred[guided] - uncond)
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return self.decode_latents(latents)
 
@@ -471,16 +517,26 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     def log_images(self, batch: dict[str, Any], n: int = 4, seed: int = 0, **kwargs) -> dict:
         """Condition, samples with and without the prompt, and target for the first ``n``.
 
+        Both sample sets come from one :meth:`sample` call, with the same seeds.
+
         Returns a dict of (n, 3, H, W) tensors in [0, 1] and the prompts.
         """
         condition = batch["condition"][:n]
         prompts = list(batch["prompt"][:n])
+        scale = kwargs.pop("guidance_scale", None)
+        scale = self.hparams.guidance_scale if scale is None else scale
+        # Without a prompt both guidance branches are equal: guidance 1 is the same image.
+        samples = self.sample(
+            torch.cat([condition, condition]),
+            [*prompts, *[""] * len(prompts)],
+            guidance_scale=[scale] * len(prompts) + [1.0] * len(prompts),
+            seed=[seed + i for i in range(len(prompts))] * 2,
+            **kwargs,
+        ).cpu()
         out = {
             "condition": condition.float().cpu(),
-            "samples": self.sample(condition, prompts, seed=seed, **kwargs).cpu(),
-            "samples_no_prompt": self.sample(
-                condition, [""] * len(prompts), seed=seed, **kwargs
-            ).cpu(),
+            "samples": samples[: len(prompts)],
+            "samples_no_prompt": samples[len(prompts) :],
             "prompts": prompts,
         }
         if "image" in batch:
@@ -585,6 +641,21 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one host sync.
+
+    The total norm (one multi-tensor kernel) is finite exactly when every element is, unless the
+    sum of squares overflows; only then does the exact check run, so a huge but finite gradient
+    is not taken for a non-finite one.
+    """
+    if not tensors:
+        return True
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+    if bool(torch.isfinite(norm)):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def sampler_is_ddim(scheduler) -> bool:
