@@ -84,7 +84,8 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
     module = ControlNetModule(tiny_sd_path, sample_steps=2, guidance_scale=3.0, learning_rate=1e-3)
     samples = SampleGridLogger(every_n_steps=4, num_samples=2)
     detector = SuddenConvergenceDetector()
-    throughput = ThroughputLogger(window=4, peak_tflops=1.0)  # FLOPs counted on CPU too
+    # FLOPs counted on CPU too.
+    throughput = ThroughputLogger(window=4, peak_tflops=1.0, summary_path=tmp_path / "perf.json")
     wandb_logger = make_wandb_logger(save_dir=str(tmp_path), name="callbacks-test", mode="offline")
     csv_logger = CSVLogger(tmp_path, name="csv", version="")
     trainer = _trainer(
@@ -124,6 +125,15 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
     assert 0 <= float(last["perf/data_wait_share"]) < 1
     assert throughput.flops_per_sample and throughput.flops_per_sample > 1e6
     assert 0 < float(last["perf/mfu"]) < 1
+    assert [int(r["step"]) for r in perf] == [1, 2, 3, 4, 5]  # log_every_n_steps=1
+
+    summary = json.loads((tmp_path / "perf.json").read_text())
+    assert summary["steps"] == 5 and summary["train_s"] > summary["sampling_s"] > 0
+    assert summary["sampling_share"] == pytest.approx(
+        summary["sampling_s"] / summary["train_s"], rel=0.01
+    )
+    assert [s for s, _ in summary["step_s_windows"]] == [1, 2, 3, 4, 5]
+    assert summary["step_s"] > 0 and 0 <= summary["data_wait_share"] < 1
 
     report = json.loads((tmp_path / "convergence.json").read_text())
     assert [p["step"] for p in report["series"]] == expected
@@ -277,11 +287,16 @@ def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
     from types import SimpleNamespace
 
     samples = SampleGridLogger(every_n_steps=4, num_samples=2)
-    trainer = SimpleNamespace(callbacks=[samples], global_step=0, world_size=1)
-    logged: dict[str, float] = {}
-    module = SimpleNamespace(
-        device=torch.device("cpu"), log=lambda name, value, **_: logged.__setitem__(name, value)
+    trainer = SimpleNamespace(
+        callbacks=[samples],
+        global_step=0,
+        world_size=1,
+        log_every_n_steps=1,
+        is_global_zero=True,
+        loggers=[],
+        callback_metrics={},
     )
+    module = SimpleNamespace(device=torch.device("cpu"))
     throughput = ThroughputLogger(window=4, count_flops=False)
     batch = {"prompt": ["a", "b"]}
 
@@ -298,6 +313,7 @@ def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
         throughput.on_train_batch_end(trainer, module, None, batch, 0)
         if grid_in == "between_batches":
             draw_grid()
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert 0.04 < logged["perf/compute_s"] < 0.15
     assert logged["perf/data_wait_s"] < 0.1
     assert 1 / logged["perf/steps_per_s"] < 0.2

@@ -195,7 +195,7 @@ def test_training_continues_over_corrupt_data_and_logs_the_count(tmp_path, circl
     assert t.global_step == 30
     total = dm.skipped_counts()["train"]
     assert total > 0
-    assert t.logged_metrics["data/skipped_samples_total"].item() == total
+    assert t.callback_metrics["data/skipped_samples_total"].item() == total
 
 
 def test_finite_mode_gives_ranks_disjoint_shards_and_equal_batches(tmp_path):

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import resource
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,9 +36,18 @@ import torch
 from lightning.pytorch.callbacks.progress import ProgressBar
 from torch.utils.flop_counter import FlopCounterMode
 
+from cn_lightning import log
+from cn_lightning.atomic import write_json_atomic
+
 
 class ThroughputLogger(L.Callback):
     """Log samples/s, steps/s, data wait vs compute, peak memory and MFU (see module docstring).
+
+    A batch costs two clock reads and a deque append; the window's rates are computed and written
+    straight to the loggers (global rank 0) only every ``trainer.log_every_n_steps`` optimizer
+    steps, when Lightning writes its own metrics, and FLOPs are counted once. At the end of
+    training a one-line summary (steady s/step, data wait, the sample grids' share of the time) is
+    logged, written to the loggers' run summary and, with ``summary_path``, to a JSON file.
 
     Args:
         window: number of recent batches the rates are averaged over.
@@ -43,14 +55,21 @@ class ThroughputLogger(L.Callback):
             ``peak_tflops`` is given; ``true``/``false`` force it).
         peak_tflops: peak TFLOP/s of one device; default Lightning's table for the GPU and the
             training precision (no MFU on CPU unless given).
+        summary_path: where to write the end-of-training summary as JSON (rank 0; ``None``: no
+            file).
     """
 
     def __init__(
-        self, window: int = 20, count_flops: bool | str = "auto", peak_tflops: float | None = None
+        self,
+        window: int = 20,
+        count_flops: bool | str = "auto",
+        peak_tflops: float | None = None,
+        summary_path: str | os.PathLike | None = None,
     ) -> None:
         self.window = window
         self.count_flops = count_flops
         self.peak_tflops = peak_tflops
+        self.summary_path = Path(summary_path) if summary_path else None
         self.flops_per_sample: float | None = None
         self.peak_flops: float | None = None
         # Per batch: (wall seconds excluding sampling, wait seconds, compute seconds, samples,
@@ -62,6 +81,10 @@ class ThroughputLogger(L.Callback):
         self._sampling_at_start = 0.0
         self._wait = 0.0
         self._step_before = 0
+        self._last_logged_step = -1
+        # (optimizer step, s/step of the window then, data-wait share) at every log point.
+        self.windows: list[tuple[int, float, float]] = []
+        self._train_start: tuple[float, float, int] | None = None  # (clock, sampling s, step)
 
     # ------------------------------------------------------------------------- Lightning
     def on_train_start(self, trainer, pl_module) -> None:
@@ -69,6 +92,7 @@ class ThroughputLogger(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self.peak_flops = self._peak_flops(trainer, pl_module)
         self._last_end = None
+        self._train_start = (time.perf_counter(), _sampling_seconds(trainer), trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -87,24 +111,48 @@ class ThroughputLogger(L.Callback):
         now = time.perf_counter()
         # A sample grid drawn in this batch's end hooks (they run before this one) is not
         # training: leave it out, as between batches.
-        sampled = _sampling_seconds(trainer) - self._sampling_at_start
-        compute = max(0.0, now - self._batch_start - sampled)
+        sampling = _sampling_seconds(trainer)
+        compute = max(0.0, now - self._batch_start - (sampling - self._sampling_at_start))
         samples = len(batch["prompt"]) if "prompt" in batch else _batch_size(batch)
-        steps = trainer.global_step - self._step_before
-        self._batches.append((self._wait + compute, self._wait, compute, samples, steps))
+        step = trainer.global_step
+        self._batches.append(
+            (self._wait + compute, self._wait, compute, samples, step - self._step_before)
+        )
         self._last_end = now
-        self._sampling_at_end = _sampling_seconds(trainer)
+        self._sampling_at_end = sampling
+        every = max(1, trainer.log_every_n_steps)
+        if step > self._step_before and step % every == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
+            self._log(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        summary = self.summary(trainer)
+        if summary is None or not trainer.is_global_zero:
+            return
+        log.info(
+            f"throughput: {summary['steps']} steps in {summary['train_s']:.1f} s, steady "
+            f"{summary['step_s']:.4f} s/step (median window), data wait "
+            f"{100 * summary['data_wait_share']:.1f}% of a step, sample grids "
+            f"{summary['sampling_s']:.1f} s ({100 * summary['sampling_share']:.1f}% of the "
+            "training time)"
+        )
+        values = {f"perf/run_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        for logger in trainer.loggers:
+            _update_run_summary(logger, values, trainer.global_step)
+        if self.summary_path is not None:
+            write_json_atomic(self.summary_path, summary)
+
+    def _log(self, trainer, pl_module, step: int) -> None:
         metrics = self.metrics(trainer.world_size, pl_module.device)
-        for name, value in metrics.items():
-            pl_module.log(
-                f"perf/{name}",
-                value,
-                on_step=True,
-                on_epoch=False,
-                batch_size=samples,
-                prog_bar=name == "samples_per_s",
-                rank_zero_only=True,
-            )
+        if not metrics:
+            return
+        if metrics["steps_per_s"] > 0:
+            self.windows.append((step, 1 / metrics["steps_per_s"], metrics["data_wait_share"]))
+        # Other callbacks and train()'s return read callback_metrics, as for self.log.
+        trainer.callback_metrics.update({f"perf/{k}": torch.tensor(v) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"perf/{k}": v for k, v in metrics.items()}, step=step)
 
     # --------------------------------------------------------------------------- metrics
     def metrics(self, world_size: int, device: torch.device) -> dict[str, float]:
@@ -125,6 +173,25 @@ class ThroughputLogger(L.Callback):
             out["mfu"] = self.flops_per_sample * (samples / wall) / self.peak_flops
             out["tflops_per_device"] = self.flops_per_sample * (samples / wall) / 1e12
         return out
+
+    def summary(self, trainer) -> dict[str, Any] | None:
+        """The run so far in this process: steps, training wall time, steady s/step (the median
+        window after the first ``window`` steps), data-wait share, sample-grid time and share."""
+        if self._train_start is None:
+            return None
+        clock, sampling0, step0 = self._train_start
+        train_s = time.perf_counter() - clock
+        sampling_s = _sampling_seconds(trainer) - sampling0
+        steady = [w for w in self.windows if w[0] - step0 >= self.window] or self.windows
+        return {
+            "steps": trainer.global_step - step0,
+            "train_s": round(train_s, 3),
+            "step_s": statistics.median(w[1] for w in steady) if steady else None,
+            "data_wait_share": statistics.median(w[2] for w in steady) if steady else None,
+            "sampling_s": round(sampling_s, 3),
+            "sampling_share": sampling_s / train_s if train_s > 0 else 0.0,
+            "step_s_windows": [[s, round(t, 6)] for s, t, _ in self.windows],
+        }
 
     def _want_flops(self, pl_module) -> bool:
         if self.count_flops == "auto":
@@ -147,6 +214,16 @@ class ThroughputLogger(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flops_per_sample = state_dict.get("flops_per_sample")
+
+
+def _update_run_summary(logger, values: dict[str, float], step: int) -> None:
+    """Put ``values`` into a logger's run summary (W&B), or log them once at ``step``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(values)
+    else:
+        logger.log_metrics(values, step=step)
 
 
 def count_flops_per_sample(trainer: L.Trainer, pl_module, batch: dict[str, Any]) -> float:
@@ -192,6 +269,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def _sampling_seconds(trainer: L.Trainer) -> float:
+    """Seconds the trainer's sample-grid callbacks have spent sampling (in this process)."""
     from cn_lightning.callbacks.samples import SampleGridLogger
 
     return sum(c.total_sampling_s for c in trainer.callbacks if isinstance(c, SampleGridLogger))

@@ -33,6 +33,23 @@ class ShardCountError(DataError, TooFewShardsError):
     the stream's :class:`TooFewShardsError`)."""
 
 
+def auto_num_workers(on_gpu: bool, local_processes: int = 1, cpus: int | None = None) -> int:
+    """Data-loader workers per training process for ``num_workers: auto``.
+
+    On a GPU the main process mostly queues kernels, so the CPUs of the process (``cpus`` /
+    ``local_processes``) go to workers: one fewer than that, between 1 and 8. On a CPU the
+    training step's threads already use every core, and a worker competes with them: the
+    quickstart (2 cores) steps no faster with one worker than with none, so up to 4 cores per
+    process get none, and more get one per 8 cores.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = max(1, (cpus or 1) // max(1, local_processes))
+    if on_gpu:
+        return max(1, min(8, per_process - 1))
+    return 0 if per_process <= 4 else max(1, per_process // 8)
+
+
 def _check_shard_count(num_shards: int, world_size: int, num_workers: int) -> None:
     try:
         check_enough_shards(num_shards, world_size, num_workers)
@@ -83,6 +100,9 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: epoch length in samples over all ranks; every rank yields
             ``samples_per_epoch // (world_size * batch_size)`` batches. Default: the manifest's
             sample count if the shards have one, else endless (resampled) / refused (finite).
+        num_workers: data-loader worker processes per rank, or ``auto`` (see
+            :func:`auto_num_workers`: 0 on a CPU with up to 4 cores per rank, CPUs per rank
+            minus one (1 to 8) on a GPU).
         crop / random_flip: training augmentation, the same for image and condition.
         use_cached_latents: read ``<key>.latent.npy`` into ``batch["latent"]``.
         seed: with rank, worker, epoch and position, seeds every random choice.
@@ -95,7 +115,7 @@ class ShardDataModule(L.LightningDataModule):
         condition_key: str = "canny",
         resolution: int = 512,
         batch_size: int = 4,
-        num_workers: int = 4,
+        num_workers: int | str = "auto",
         shuffle_buffer: int = 1000,
         resampled: bool = True,
         samples_per_epoch: int | None = None,
@@ -125,7 +145,9 @@ class ShardDataModule(L.LightningDataModule):
         self.resolution = resolution
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
+        if not (num_workers == "auto" or (isinstance(num_workers, int) and num_workers >= 0)):
+            raise DataError(f"num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        self.num_workers_setting = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
@@ -180,6 +202,18 @@ class ShardDataModule(L.LightningDataModule):
                 "but not with the same samples as an uninterrupted run: "
                 f"{', '.join(changed)} changed since the checkpoint"
             )
+
+    @property
+    def num_workers(self) -> int:
+        """Data-loader worker processes per rank: the setting, or for ``auto``
+        :func:`auto_num_workers` of this trainer's device and processes per node."""
+        if self.num_workers_setting != "auto":
+            return int(self.num_workers_setting)
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return auto_num_workers(on_gpu=torch.cuda.is_available(), local_processes=1)
+        on_gpu = trainer.strategy.root_device.type != "cpu"
+        return auto_num_workers(on_gpu=on_gpu, local_processes=max(1, trainer.num_devices))
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -380,27 +414,37 @@ class ShardDataModule(L.LightningDataModule):
 
 class SkippedSamplesLogger(Callback):
     """Logs ``data/skipped_samples_total``: corrupt samples skipped so far in training, summed over
-    ranks. Reads the ShardDataModule's counts, else the batches' ``n_skipped``."""
+    ranks. Reads the ShardDataModule's counts, else the batches' ``n_skipped``.
+
+    Written straight to the loggers every ``trainer.log_every_n_steps`` optimizer steps and when
+    training ends (one all-reduce each time on several ranks, not one per batch).
+    """
 
     def __init__(self, name: str = "data/skipped_samples_total"):
         self.name = name
         self._total = 0
+        self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not isinstance(getattr(trainer, "datamodule", None), ShardDataModule):
+            if isinstance(batch, dict) and "n_skipped" in batch:
+                self._total += int(batch["n_skipped"])
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) == 0 and step != self._last_step:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
         dm = getattr(trainer, "datamodule", None)
-        if isinstance(dm, ShardDataModule):
-            total = dm.skipped_counts()["train"]
-        elif isinstance(batch, dict) and "n_skipped" in batch:
-            self._total += int(batch["n_skipped"])
-            total = self._total
-        else:
-            return
-        pl_module.log(
-            self.name,
-            float(total),
-            on_step=True,
-            on_epoch=False,
-            reduce_fx="sum",
-            sync_dist=trainer.world_size > 1,
-            batch_size=1,
-        )
+        total = dm.skipped_counts()["train"] if isinstance(dm, ShardDataModule) else self._total
+        value = torch.tensor(float(total), device=pl_module.device)
+        if trainer.world_size > 1:  # every rank is here at the same step
+            value = trainer.strategy.reduce(value, reduce_op="sum")
+        trainer.callback_metrics[self.name] = value.cpu()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({self.name: float(value)}, step=trainer.global_step)
