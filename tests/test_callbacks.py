@@ -317,3 +317,31 @@ def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
     assert 0.04 < logged["perf/compute_s"] < 0.15
     assert logged["perf/data_wait_s"] < 0.1
     assert 1 / logged["perf/steps_per_s"] < 0.2
+
+
+def test_throughput_summary_of_a_run_shorter_than_one_logging_interval(tmp_path):
+    """Four steps with log_every_n_steps=10: no window was logged, the summary still has one."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        callbacks=[],
+        global_step=0,
+        world_size=1,
+        log_every_n_steps=10,
+        is_global_zero=True,
+        loggers=[],
+        callback_metrics={},
+    )
+    module = SimpleNamespace(device=torch.device("cpu"))
+    throughput = ThroughputLogger(window=20, count_flops=False, summary_path=tmp_path / "p.json")
+    throughput.on_train_start(trainer, module)
+    for _ in range(4):
+        throughput.on_train_batch_start(trainer, module, {"prompt": ["a"]}, 0)
+        time.sleep(0.02)
+        trainer.global_step += 1
+        throughput.on_train_batch_end(trainer, module, None, {"prompt": ["a"]}, 0)
+    assert not throughput.windows and "perf/steps_per_s" not in trainer.callback_metrics
+    throughput.on_train_end(trainer, module)
+    summary = json.loads((tmp_path / "p.json").read_text())
+    assert summary["steps"] == 4 and 0.015 < summary["step_s"] < 0.2
+    assert summary["step_s_windows"][0][0] == 4 and summary["sampling_s"] == 0

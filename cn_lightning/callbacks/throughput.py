@@ -129,12 +129,13 @@ class ThroughputLogger(L.Callback):
         summary = self.summary(trainer)
         if summary is None or not trainer.is_global_zero:
             return
+        step_s, wait = summary["step_s"], summary["data_wait_share"]
         log.info(
             f"throughput: {summary['steps']} steps in {summary['train_s']:.1f} s, steady "
-            f"{summary['step_s']:.4f} s/step (median window), data wait "
-            f"{100 * summary['data_wait_share']:.1f}% of a step, sample grids "
-            f"{summary['sampling_s']:.1f} s ({100 * summary['sampling_share']:.1f}% of the "
-            "training time)"
+            + (f"{step_s:.4f} s/step (median window), " if step_s is not None else "- s/step, ")
+            + (f"data wait {100 * wait:.1f}% of a step, " if wait is not None else "")
+            + f"sample grids {summary['sampling_s']:.1f} s "
+            f"({100 * summary['sampling_share']:.1f}% of the training time)"
         )
         values = {f"perf/run_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
@@ -182,7 +183,12 @@ class ThroughputLogger(L.Callback):
         clock, sampling0, step0 = self._train_start
         train_s = time.perf_counter() - clock
         sampling_s = _sampling_seconds(trainer) - sampling0
-        steady = [w for w in self.windows if w[0] - step0 >= self.window] or self.windows
+        windows = self.windows
+        if not windows and self._batches:  # a run shorter than one logging interval
+            wall, wait, _, _, steps = (sum(col) for col in zip(*self._batches, strict=True))
+            if steps and wall > 0:
+                windows = [(trainer.global_step, wall / steps, wait / wall)]
+        steady = [w for w in windows if w[0] - step0 >= self.window] or windows
         return {
             "steps": trainer.global_step - step0,
             "train_s": round(train_s, 3),
@@ -190,7 +196,7 @@ class ThroughputLogger(L.Callback):
             "data_wait_share": statistics.median(w[2] for w in steady) if steady else None,
             "sampling_s": round(sampling_s, 3),
             "sampling_share": sampling_s / train_s if train_s > 0 else 0.0,
-            "step_s_windows": [[s, round(t, 6)] for s, t, _ in self.windows],
+            "step_s_windows": [[s, round(t, 6)] for s, t, _ in windows],
         }
 
     def _want_flops(self, pl_module) -> bool:
