@@ -1,4 +1,5 @@
-"""Logger factories: W&B that falls back to offline mode when no API key is configured."""
+"""Logger factories (W&B that falls back to offline mode when no API key is configured) and
+the one way callbacks write metrics outside ``LightningModule.log``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import netrc
 import os
 from pathlib import Path
 
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -64,3 +66,13 @@ def make_wandb_logger(
 def offline_wandb_dirs(save_dir: str | os.PathLike) -> list[Path]:
     """The offline run folders a W&B logger left under ``save_dir`` (for ``wandb sync``)."""
     return sorted(Path(save_dir).glob("wandb/offline-run-*"))
+
+
+def write_metrics(trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` straight to every logger (global rank 0) at ``step`` and put them in
+    ``trainer.callback_metrics`` (every rank), where ``self.log`` values go: for callbacks that
+    compute their metrics only at logging steps instead of calling ``self.log`` every batch."""
+    trainer.callback_metrics.update({k: torch.as_tensor(v).cpu() for k, v in metrics.items()})
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

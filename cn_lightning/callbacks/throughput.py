@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cn_lightning import log
 from cn_lightning.atomic import write_json_atomic
+from cn_lightning.loggers import write_metrics
 
 
 class ThroughputLogger(L.Callback):
@@ -149,11 +150,7 @@ class ThroughputLogger(L.Callback):
             return
         if metrics["steps_per_s"] > 0:
             self.windows.append((step, 1 / metrics["steps_per_s"], metrics["data_wait_share"]))
-        # Other callbacks and train()'s return read callback_metrics, as for self.log.
-        trainer.callback_metrics.update({f"perf/{k}": torch.tensor(v) for k, v in metrics.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"perf/{k}": v for k, v in metrics.items()}, step=step)
+        write_metrics(trainer, {f"perf/{k}": v for k, v in metrics.items()}, step)
 
     # --------------------------------------------------------------------------- metrics
     def metrics(self, world_size: int, device: torch.device) -> dict[str, float]:

@@ -26,6 +26,7 @@ from cn_lightning.data.stream import (
     check_enough_shards,
 )
 from cn_lightning.errors import DataError
+from cn_lightning.loggers import write_metrics
 
 
 class ShardCountError(DataError, TooFewShardsError):
@@ -444,7 +445,4 @@ class SkippedSamplesLogger(Callback):
         value = torch.tensor(float(total), device=pl_module.device)
         if trainer.world_size > 1:  # every rank is here at the same step
             value = trainer.strategy.reduce(value, reduce_op="sum")
-        trainer.callback_metrics[self.name] = value.cpu()
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({self.name: float(value)}, step=trainer.global_step)
+        write_metrics(trainer, {self.name: float(value)}, trainer.global_step)
