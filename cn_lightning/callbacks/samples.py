@@ -229,25 +229,19 @@ class SampleGridLogger(L.Callback):
         condition = batch["condition"][indices].float() / 255
         prompts = [batch["prompt"][i] for i in indices]
         seeds = [self.seed + i for i in indices]
-        scale = self.guidance_scale
-        scale = pl_module.hparams.guidance_scale if scale is None else scale
-        n = len(indices)
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad(), precision_context(trainer, pl_module):
-                # One batch per denoising step for both sets: with the empty prompt both guidance
-                # branches are the same ("" and the same condition), so guidance 1 gives the same
-                # image at half the cost.
-                both = pl_module.sample(
-                    torch.cat([condition, condition]),
-                    [*prompts, *[""] * n],
+                samples, no_prompt = pl_module.sample_with_and_without_prompt(
+                    condition,
+                    prompts,
+                    seed=seeds,
+                    guidance_scale=self.guidance_scale,
                     num_inference_steps=self.num_inference_steps,
-                    guidance_scale=[scale] * n + [1.0] * n,
-                    seed=seeds * 2,
                     sampler=self.sampler,
                 )
-                samples, no_prompt = both[:n].float().cpu(), both[n:].float().cpu()
+                samples, no_prompt = samples.float().cpu(), no_prompt.float().cpu()
         finally:
             pl_module.train(was_training)
         out = {
