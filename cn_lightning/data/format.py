@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 
 import cv2
@@ -227,8 +228,6 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     Compressed tars go through ``tarfile``. Errors are ``tarfile``'s: ``ReadError`` for an empty
     stream, a header that is not a tar header (bad checksum) or data that breaks off.
     """
-    import tarfile
-
     head = stream.read(_BLOCK)
     if not head:
         raise tarfile.ReadError("empty file")
@@ -273,8 +272,6 @@ def _checksum(header: bytes) -> int:
 
 def _header_number(field: bytes) -> int:
     """A numeric header field: octal text, or base-256 when the first byte has its top bit."""
-    import tarfile
-
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value if field[0] == 0x80 else value - 256 ** (len(field) - 1)
