@@ -8,6 +8,7 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -222,8 +223,6 @@ def test_progress_bar_eta_uses_the_rate_since_this_process_started():
 
 
 def test_progress_bar_on_an_endless_stream_shows_steps_without_a_total():
-    from types import SimpleNamespace
-
     bar = StepProgressBar()
     bar.disable()
     trainer = SimpleNamespace(
@@ -281,21 +280,24 @@ def test_sample_grid_without_usable_val_samples_names_the_cause(tmp_path):
         assert "3 skipped: bad_latent x3" in message and cause in message and "k0" in message
 
 
-@pytest.mark.parametrize("grid_in", ["batch_end", "between_batches"])
-def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
-    """A grid drawn in a batch's end hooks, or between two batches, is not training time."""
-    from types import SimpleNamespace
-
-    samples = SampleGridLogger(every_n_steps=4, num_samples=2)
-    trainer = SimpleNamespace(
-        callbacks=[samples],
+def _bare_trainer(callbacks: list, log_every_n_steps: int):
+    """What the ThroughputLogger reads of a one-rank Trainer, for driving its hooks by hand."""
+    return SimpleNamespace(
+        callbacks=callbacks,
         global_step=0,
         world_size=1,
-        log_every_n_steps=1,
+        log_every_n_steps=log_every_n_steps,
         is_global_zero=True,
         loggers=[],
         callback_metrics={},
     )
+
+
+@pytest.mark.parametrize("grid_in", ["batch_end", "between_batches"])
+def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
+    """A grid drawn in a batch's end hooks, or between two batches, is not training time."""
+    samples = SampleGridLogger(every_n_steps=4, num_samples=2)
+    trainer = _bare_trainer(callbacks=[samples], log_every_n_steps=1)
     module = SimpleNamespace(device=torch.device("cpu"))
     throughput = ThroughputLogger(window=4, count_flops=False)
     batch = {"prompt": ["a", "b"]}
@@ -321,17 +323,7 @@ def test_throughput_leaves_sample_grids_out_of_compute_and_wait(grid_in):
 
 def test_throughput_summary_of_a_run_shorter_than_one_logging_interval(tmp_path):
     """Four steps with log_every_n_steps=10: no window was logged, the summary still has one."""
-    from types import SimpleNamespace
-
-    trainer = SimpleNamespace(
-        callbacks=[],
-        global_step=0,
-        world_size=1,
-        log_every_n_steps=10,
-        is_global_zero=True,
-        loggers=[],
-        callback_metrics={},
-    )
+    trainer = _bare_trainer(callbacks=[], log_every_n_steps=10)
     module = SimpleNamespace(device=torch.device("cpu"))
     throughput = ThroughputLogger(window=20, count_flops=False, summary_path=tmp_path / "p.json")
     throughput.on_train_start(trainer, module)
