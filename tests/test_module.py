@@ -157,3 +157,51 @@ def test_sample_shapes_ranges_and_determinism(module):
     assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def _conv_layouts(m: ControlNetModule) -> set[bool]:
+    """For every 3x3 conv weight of the UNet, ControlNet and VAE: is it NHWC (channels_last)?
+    (A 1x1 kernel or one input channel is both layouts at once.)"""
+    parts = (m.unet, m.controlnet, m.vae)
+    weights = [
+        p
+        for part in parts
+        for p in part.parameters()
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1
+    ]
+    return {w.is_contiguous(memory_format=torch.channels_last) for w in weights}
+
+
+def test_memory_format_is_set_when_fit_starts_and_keeps_the_numbers(tiny_sd_path):
+    import lightning as L
+    from core_helpers import RandomPairsDataModule
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from cn_lightning.errors import ConfigError
+
+    losses = {}
+    for layout in ("auto", "contiguous"):
+        torch.manual_seed(0)
+        m = ControlNetModule(tiny_sd_path, learning_rate=1e-3, memory_format=layout)
+        assert _conv_layouts(m) == {False}  # built NCHW; the layout is the trainer's business
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(m, datamodule=RandomPairsDataModule(n=4))
+        assert _conv_layouts(m) == {layout == "auto"}
+        m.eval()
+        losses[layout] = m.compute_loss(random_batch(seed=9), generator=torch.Generator())
+    # Two optimizer steps through other kernels: the same numbers up to rounding.
+    torch.testing.assert_close(losses["auto"], losses["contiguous"], rtol=1e-4, atol=1e-6)
+
+    m = ControlNetModule(tiny_sd_path, memory_format="channels_last")
+    m.trainer = L.Trainer(accelerator="cpu", strategy=DeepSpeedStrategy(), logger=False)
+    with pytest.raises(ConfigError, match="memory_format=channels_last .* DeepSpeed"):
+        m.configure_model()
+    with pytest.raises(ConfigError, match="memory_format must be one of auto"):
+        ControlNetModule(tiny_sd_path, memory_format="nhwc")

@@ -65,6 +65,7 @@ def default_optimizer(params: Iterable, lr: float) -> torch.optim.Optimizer:
 
 # Most prompts ControlNetModule.encode_prompt keeps (77 x 768 fp32 is 236 kB each for SD1.5).
 PROMPT_CACHE_SIZE = 64
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class ControlNetModule(FrozenPartsMixin, L.LightningModule):
@@ -82,6 +83,12 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         only_mid_control: add the control only to the middle block.
         control_scales: one float or one per ControlNet output (13 for SD).
         gradient_checkpointing: recompute activations of ControlNet and UNet in backward.
+        memory_format: layout of the 4-D weights of the UNet, ControlNet and VAE for training:
+            ``channels_last`` (NHWC), ``contiguous`` (NCHW) or ``auto`` (NHWC except under
+            DeepSpeed, whose engine needs contiguous parameters). Convolutions pick their
+            kernels by the weight's layout; NHWC ones are faster on GPUs (tensor cores) and
+            with oneDNN on CPUs (0.91x the quickstart's step time). Set when fit starts
+            (:meth:`configure_model`); the weights are the same in either layout.
         ucg_rate: probability of replacing a prompt by "" (the paper uses 0.5).
         learning_rate: learning rate of the control branch (paper: 1e-5).
         decoder_learning_rate: learning rate of the decoder when ``sd_locked=False``.
@@ -108,6 +115,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         only_mid_control: bool = False,
         control_scales: float | Sequence[float] | None = None,
         gradient_checkpointing: bool = False,
+        memory_format: str = "auto",
         ucg_rate: float = 0.5,
         learning_rate: float = 1e-5,
         decoder_learning_rate: float = 2e-6,
@@ -131,6 +139,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             )
         _check_choice("latent_sampling", latent_sampling, ("sample", "mode"))
         _check_choice("sampler", sampler, tuple(SAMPLERS))
+        _check_choice("memory_format", memory_format, ("auto", *MEMORY_FORMATS))
         if not 0.0 <= ucg_rate <= 1.0:
             raise ConfigError(f"ucg_rate must be in [0, 1], got {ucg_rate}")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -168,6 +177,19 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         self._rng_step = -1
         # Prompt -> text embedding (tokens, hidden) on the module's device: see encode_prompt.
         self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    def configure_model(self) -> None:
+        deepspeed = "deepspeed" in type(self.trainer.strategy).__name__.lower()
+        layout = self.hparams.memory_format
+        if layout == "auto":
+            layout = "contiguous" if deepspeed else "channels_last"
+        elif layout == "channels_last" and deepspeed:
+            raise ConfigError(
+                "model.memory_format=channels_last does not work under DeepSpeed (its engine "
+                "broadcasts and flattens parameters as contiguous buffers): use auto or contiguous"
+            )
+        for part in (self.unet, self.controlnet, self.vae):
+            part.to(memory_format=MEMORY_FORMATS[layout])
 
     # ----------------------------------------------------------------------------- structure
     @property
