@@ -12,10 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_end_to_end_benchmark_prints_both_loops_and_the_shares(tmp_path):
+@pytest.mark.parametrize("interleave", ["0", "2"])
+def test_end_to_end_benchmark_prints_both_loops_and_the_shares(tmp_path, interleave):
     env = {"CN_LIGHTNING_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/end_to_end.py", "--steps", "45", "--warmup", "20"],
+        [
+            *(sys.executable, "benchmarks/end_to_end.py", "--steps", "45", "--warmup", "20"),
+            *("--interleave", interleave),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

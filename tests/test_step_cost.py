@@ -4,8 +4,11 @@ automatic data-loader worker count. Each must give the same results as the slow 
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,75 @@ def _varint(value: int) -> bytes:
         out += bytes([byte | (0x80 if value else 0)])
         if not value:
             return out
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_step_durations_leave_out_steps_cut_by_a_pause():
+    e2e = _benchmark("end_to_end")
+    marks = [(1, 10.0, 0.0), (2, 10.1, 0.0), (3, 10.2, 0.0), (4, 13.3, 0.0), (5, 13.4, 0.0)]
+    running = [(9.0, 10.25), (13.25, 14.0)]  # paused from 10.25 to 13.25, during step 4
+    durations = e2e.step_durations(marks, running)
+    assert [s for s, _ in durations] == [2, 3, 5]
+    assert all(abs(d - 0.1) < 1e-9 for _, d in durations)
+    assert e2e.active_seconds(10.0, 13.4, running) == pytest.approx(0.25 + 0.15)
+    # Grid seconds of a cut interval are bounded by its running time; uncut ones count whole.
+    clock = {"train_start": 9.5, "train_end": 13.9, "marks": [(1, 10.0, 0.3), (4, 13.3, 2.0)]}
+    split = e2e.time_split(clock, {"sampling_s": 2.2}, running)
+    assert split["train_s"] == pytest.approx(0.75 + 0.65)
+    assert split["grids_s"] == pytest.approx(0.3 + (0.25 + 0.05) + 0.2)
+    assert split["steps_s"] == pytest.approx(split["train_s"] - split["grids_s"])
+
+
+def test_interleaved_runs_take_turns_and_count_only_their_own_time(tmp_path):
+    """Two real processes (each with a child, as the train CLI has W&B's service) share the
+    machine in turns: no mark of one falls in the other's turn, and each one's active time
+    covers its own work."""
+    e2e = _benchmark("end_to_end")
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        textwrap.dedent(
+            """
+            import json, subprocess, sys, time
+            out = sys.argv[1]
+            if len(sys.argv) > 2:  # the child: a wall-clock mark every 10 ms until killed
+                while True:
+                    with open(out, "a") as f:
+                        f.write(f"{time.time()}\\n")
+                    time.sleep(0.01)
+            child = subprocess.Popen([sys.executable, __file__, out + ".child", "child"])
+            marks, start = [], time.process_time()
+            while time.process_time() - start < 0.6:  # 0.6 s of CPU work, marked every ms
+                if not marks or time.time() - marks[-1] > 0.001:
+                    marks.append(time.time())
+            child.kill()
+            json.dump(marks, open(out, "w"))
+            """
+        )
+    )
+    launches = [
+        e2e.Launch(
+            name,
+            [sys.executable, str(worker), str(tmp_path / name)],
+            tmp_path,
+            dict(os.environ),
+            tmp_path / f"{name}.log",
+        )
+        for name in ("a", "b")
+    ]
+    e2e.run_interleaved(launches, slice_s=0.15)
+    for launch, other in (launches, launches[::-1]):
+        assert launch.process.returncode == 0
+        marks = json.loads((tmp_path / launch.name).read_text())
+        child = [float(x) for x in (tmp_path / f"{launch.name}.child").read_text().split()]
+        slack = 0.03  # a signal's delivery
+        for t in marks + child[1:]:
+            assert not any(b + slack < t < e - slack for b, e in other.running), t
+        assert len(launch.running) >= 3  # it did take turns
+        assert launch.active_s >= 0.6
