@@ -109,9 +109,8 @@ def run_interleaved(launches: list[Launch], slice_s: float) -> None:
                 time.sleep(0.01)
             if launch.process.poll() is None:
                 _signal_tree(launch.process.pid, signal.SIGSTOP)
-                launch.running.append((begin, time.time()))
-            else:
-                launch.running.append((begin, time.time()))
+            launch.running.append((begin, time.time()))
+            if launch.process.poll() is not None:
                 alive.remove(launch)
                 launch.check()
 

@@ -179,7 +179,10 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def configure_model(self) -> None:
-        deepspeed = "deepspeed" in type(self.trainer.strategy).__name__.lower()
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        # _uses_deepspeed() needs the engine, which the strategy builds only after this hook.
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         layout = self.hparams.memory_format
         if layout == "auto":
             layout = "contiguous" if deepspeed else "channels_last"
