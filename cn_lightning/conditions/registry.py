@@ -55,6 +55,8 @@ def register_extractor(
         if name in _REGISTRY and not overwrite and _REGISTRY[name].factory is not obj:
             raise ValueError(f"condition extractor {name!r} is already registered")
         doc = (inspect.getdoc(obj) or "").split("\n")[0]
+        if inspect.isclass(obj) and hasattr(obj, "expected_weights"):
+            obj.name = name  # model-based extractors name themselves in their errors
         _REGISTRY[name] = ExtractorSpec(name, obj, discrete, doc)
         return obj
 

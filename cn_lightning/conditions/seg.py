@@ -3,16 +3,26 @@
 The palette is the standard 150-class ADE20K palette (mmsegmentation / UniFormer, RGB order),
 used by the original ``control_sd15_seg`` annotator. Class index ``k`` (0-based over the 150
 classes) is drawn with ``ADE20K_PALETTE[k]``; pixels with no class are black.
+
+The ``seg`` extractor runs an ADE20K transformers segmenter (SegFormer, UperNet, ...) from a
+local folder, batched on the device, or any local model through a ``predictor`` plug-in.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from cn_lightning.conditions.registry import as_uint8_rgb, register_extractor
+from cn_lightning.conditions.base import ModelExtractor, seeded
+from cn_lightning.conditions.hf_vision import TorchPreprocessor, load_pretrained, resize_maps
+from cn_lightning.conditions.registry import register_extractor
+from cn_lightning.errors import ConfigError
 
 # fmt: off
 ADE20K_PALETTE: np.ndarray = np.array([
@@ -123,23 +133,145 @@ def class_names_present(
 def _load_callable(path: str) -> Callable:
     module, _, attr = path.partition(":")
     if not attr:
-        raise ValueError(f"predictor must look like 'package.module:function', got {path!r}")
+        raise ConfigError(f"predictor must look like 'package.module:function', got {path!r}")
     return getattr(importlib.import_module(module), attr)
 
 
-@register_extractor("seg", discrete=True)
-class SegmentationExtractor:
-    """ADE20K colour-coded segmentation from a pluggable local model.
+SEG_WEIGHTS = (
+    "a local folder of an ADE20K (150 classes) transformers segmenter from huggingface.co, e.g. "
+    "nvidia/segformer-b5-finetuned-ade-640-640, nvidia/segformer-b0-finetuned-ade-512-512 or "
+    "openmmlab/upernet-convnext-small: config.json, weights, preprocessor_config.json; or "
+    "predictor='package.module:function'"
+)
 
-    ``predictor`` is ``"package.module:function"`` naming a function (or factory returning one
-    when ``factory=True``) that maps uint8 RGB (H,W,3) to int (H,W) 0-based ADE20K class indices,
-    e.g. a UperNet/SegFormer loaded from local weights. The output is the palette map (H,W,3).
+# Spot checks that a 150-label model counts its classes in ADE20K's order (as the hub's
+# ADE20K SegFormer/UperNet models do); generic names ("LABEL_0") are accepted.
+_ADE_NAME_CHECKS = {0: "wall", 2: "sky", 12: "person"}
+
+
+def check_ade20k_labels(name: str, config: Any, folder: Path) -> None:
+    """One-line :class:`ConfigError` unless ``config`` has ADE20K's 150 labels in its order."""
+    num_labels = int(getattr(config, "num_labels", 0))
+    if num_labels != len(ADE20K_CLASSES):
+        raise ConfigError(
+            f"condition extractor {name!r}: {str(folder)!r} predicts {num_labels} classes; the "
+            f"ADE20K palette needs a model with {len(ADE20K_CLASSES)} labels (an ADE20K model)"
+        )
+    id2label = getattr(config, "id2label", None) or {}
+    for index, expected in _ADE_NAME_CHECKS.items():
+        label = str(id2label.get(index, id2label.get(str(index), ""))).strip().lower()
+        if label and not label.startswith("label_") and not label.startswith(expected):
+            raise ConfigError(
+                f"condition extractor {name!r}: {str(folder)!r} labels class {index} "
+                f"{label!r}, ADE20K's is {expected!r} (the classes must be in ADE20K's order)"
+            )
+
+
+@register_extractor("seg", discrete=True)
+class SegmentationExtractor(ModelExtractor):
+    """ADE20K colour-coded segmentation: uint8 (H, W, 3) in :data:`ADE20K_PALETTE` colours.
+
+    Give exactly one of:
+
+    * ``weights``: a local transformers folder of an ADE20K semantic segmentation model
+      (``AutoModelForSemanticSegmentation``: SegFormer, UperNet, ...; 150 labels). Same-sized
+      images share one forward pass; the logits are upsampled (bilinear) to the input size and
+      the arg-max class coloured with the palette.
+    * ``predictor``: ``"package.module:function"`` naming a function (or, with
+      ``factory=True``, a factory called with the remaining options that returns one) mapping
+      uint8 RGB (H, W, 3) to int (H, W) 0-based ADE20K class indices (negative = no class),
+      for any other local model.
+
+    Args:
+        weights, device, batch_size: as :class:`~cn_lightning.conditions.base.ModelExtractor`.
+        predictor, factory, **predictor_options: the plug-in alternative to ``weights``.
     """
 
-    def __init__(self, predictor: str, factory: bool = False, **predictor_options):
-        fn = _load_callable(predictor)
-        self.predict = fn(**predictor_options) if factory else fn
+    expected_weights = SEG_WEIGHTS
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        labels = np.asarray(self.predict(as_uint8_rgb(image)))
-        return colorize(labels)
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = "auto",
+        batch_size: int = 8,
+        predictor: str | None = None,
+        factory: bool = False,
+        **predictor_options: Any,
+    ) -> None:
+        if predictor is None:
+            if factory or predictor_options:
+                raise ConfigError(
+                    f"condition extractor {self.name!r}: factory/predictor options "
+                    f"{sorted(predictor_options) or ['factory']} need predictor="
+                )
+            self.predictor = None
+            super().__init__(weights=weights, device=device, batch_size=batch_size)
+            return
+        if weights is not None and str(weights) != "":
+            raise ConfigError(
+                f"condition extractor {self.name!r}: give weights= or predictor=, not both"
+            )
+        # A plug-in predictor: no network of ours, images are mapped one by one.
+        fn = _load_callable(predictor)
+        self.predictor = fn(**predictor_options) if factory else fn
+        self.weights = None
+        self.device = torch.device("cpu")
+        self.batch_size = max(1, int(batch_size))
+        self.model = None
+
+    def load(self, weights: Path) -> Any:
+        model, processor = load_pretrained(
+            self.name, weights, "AutoModelForSemanticSegmentation", self.expected_weights
+        )
+        check_ade20k_labels(self.name, model.config, weights)
+        self.preprocess = TorchPreprocessor(processor, self.name)
+        return model
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB → int64 (B, H, W) 0-based ADE20K class indices."""
+        if self.predictor is not None:
+            return np.stack([np.asarray(self.predictor(image)) for image in images])
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        pixels = self.preprocess(batch.permute(0, 3, 1, 2))
+        dtype = next(self.model.parameters()).dtype
+        logits = self.model(pixel_values=pixels.to(dtype)).logits.float()
+        # As transformers' post_process_semantic_segmentation: bilinear to the image, arg-max.
+        logits = resize_maps(logits, images.shape[1:3], "bilinear")
+        return logits.argmax(1).cpu().numpy()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.stack([colorize(labels) for labels in self.predict_labels(images)])
+
+    @classmethod
+    def write_random_weights(cls, out_dir: str | os.PathLike, seed: int = 0) -> str:
+        """A small SegFormer (b0 layout, narrower) with 150 ADE20K labels and random weights,
+        with SegFormer's ADE20K image processor (512 px), saved as a hub folder would be."""
+        from transformers import (
+            SegformerConfig,
+            SegformerForSemanticSegmentation,
+            SegformerImageProcessor,
+        )
+
+        config = SegformerConfig(
+            num_channels=3,
+            num_encoder_blocks=4,
+            depths=[1, 1, 1, 1],
+            sr_ratios=[8, 4, 2, 1],
+            hidden_sizes=[8, 16, 24, 32],
+            num_attention_heads=[1, 1, 1, 1],
+            decoder_hidden_size=32,
+            num_labels=len(ADE20K_CLASSES),
+            id2label=dict(enumerate(ADE20K_CLASSES)),
+            label2id={label: i for i, label in enumerate(ADE20K_CLASSES)},
+        )
+        with seeded(seed):
+            model = SegformerForSemanticSegmentation(config).eval()
+        model.save_pretrained(out_dir)
+        SegformerImageProcessor(
+            size={"height": 512, "width": 512},
+            resample=2,
+            do_reduce_labels=True,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ).save_pretrained(out_dir)
+        return os.fspath(out_dir)
