@@ -8,11 +8,16 @@
   * existing WebDataset shards, e.g. img2dataset output (``key.jpg``, ``key.txt``,
     ``key.json``): a ``.tar`` file, a brace pattern, or a folder of ``*.tar``.
 
-The condition ``--condition NAME`` comes from ``cn_lightning.conditions`` (``canny`` built in;
-``--extractor-module my.module`` imports more, ``--condition-arg k=v`` passes options such as
-local weights). Extraction runs on the resized image, at training resolution.
+The condition ``--condition NAME`` comes from ``cn_lightning.conditions``: canny, hed,
+softedge, scribble, lineart, mlsd, depth, normal, openpose, seg (``--extractor-module my.module``
+imports more, ``--condition-arg k=v`` passes other options such as thresholds). Model-based
+extractors load local ``--weights`` only (docs/data.md lists where each model comes from) and
+run ``--batch-size`` images per forward pass on ``--device`` (the GPU when there is one).
+Extraction runs on the resized image, at training resolution.
 
     python -m data_prep.from_images --src photos/ --out data/canny --condition canny
+    python -m data_prep.from_images --src photos/ --out data/depth --condition depth \
+        --weights /models/Depth-Anything-V2-Small-hf --device cuda --batch-size 32 --workers 4
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ import numpy as np
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from cn_lightning.conditions import get_extractor, get_spec, import_extractor_modules
+from cn_lightning.conditions import (
+    extract_batch,
+    get_extractor,
+    get_spec,
+    import_extractor_modules,
+    needs_weights,
+)
 from cn_lightning.data.format import (
     IMAGE_EXTS,
     decode_image,
@@ -39,6 +50,7 @@ from cn_lightning.data.format import (
     sanitize_key,
 )
 from cn_lightning.data.transforms import apply_resize_policy
+from cn_lightning.errors import first_line
 from data_prep.common import (
     RejectedInput,
     SampleMaker,
@@ -150,6 +162,7 @@ class FromImagesMaker(SampleMaker):
     resize: str
     image_format: str
     quality: int
+    batch_size: int = 1
     _extract: Any = field(default=None, repr=False)
 
     def setup(self) -> None:
@@ -193,6 +206,32 @@ class FromImagesMaker(SampleMaker):
         return image, caption, {"path": item["image"]}, index_key
 
     def make(self, item: dict[str, Any]) -> dict[str, bytes | str]:
+        return self._finish(self._prepare(item))
+
+    def make_many(self, items) -> list[dict[str, bytes | str] | Exception]:
+        """Read and resize every item, extract the conditions of the batch at once (one forward
+        pass per image size on the extractor's device), then encode."""
+        prepared: list[dict[str, Any] | Exception] = []
+        for item in items:
+            try:
+                prepared.append(self._prepare(item))
+            except Exception as err:  # noqa: BLE001 - a reject, counted by the shard writer
+                prepared.append(err)
+        todo = [p for p in prepared if isinstance(p, dict) and p["condition"] is None]
+        if todo:
+            maps = extract_batch(self._extract, [p["image"] for p in todo])
+            for p, condition in zip(todo, maps, strict=True):
+                p["condition"] = np.asarray(condition)
+        out: list[dict[str, bytes | str] | Exception] = []
+        for p in prepared:
+            try:
+                out.append(p if isinstance(p, Exception) else self._finish(p))
+            except Exception as err:  # noqa: BLE001
+                out.append(err)
+        return out
+
+    def _prepare(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The resized image, caption, metadata and given condition (or None: to extract)."""
         if "error" in item:
             raise RejectedInput("unreadable_input", item["error"])
         if "tar" in item:
@@ -204,7 +243,24 @@ class FromImagesMaker(SampleMaker):
             raise RejectedInput("unreadable_image", self.describe(item))
         original = list(image.shape[:2])
         image = apply_resize_policy(image, self.resolution, self.resize)
-        condition = self._condition(item, image, original)
+        condition = self._given_condition(item, original)
+        return {
+            "item": item,
+            "key": key,
+            "image": image,
+            "caption": caption,
+            "source_meta": source_meta,
+            "original": original,
+            "condition": condition,
+        }
+
+    def _finish(self, p: dict[str, Any]) -> dict[str, bytes | str]:
+        item, key, image, caption = p["item"], p["key"], p["image"], p["caption"]
+        source_meta, original = p["source_meta"], p["original"]
+        condition = p["condition"]
+        if condition is None:
+            condition = np.asarray(self._extract(image))
+        self._check_condition(condition, image)
         meta = {
             "source": "from_images",
             "input": self.describe(item),
@@ -220,8 +276,8 @@ class FromImagesMaker(SampleMaker):
             "json": json.dumps(meta),
         }
 
-    def _condition(self, item, image: np.ndarray, original: list[int]) -> np.ndarray:
-        """Given condition file (``--condition-column``) or the extractor's output."""
+    def _given_condition(self, item, original: list[int]) -> np.ndarray | None:
+        """The condition file of ``--condition-column``, resized; None: extract it."""
         if "condition_file" in item:
             condition = read_image_file(os.path.join(self.src, item["condition_file"]))
             if condition is None:
@@ -233,14 +289,24 @@ class FromImagesMaker(SampleMaker):
                 )
             discrete = get_spec(self.condition).discrete if self.condition else False
             return apply_resize_policy(condition, self.resolution, self.resize, discrete)
-        condition = np.asarray(self._extract(image))
+        return None
+
+    def _check_condition(self, condition: np.ndarray, image: np.ndarray) -> None:
         if condition.shape[:2] != image.shape[:2] or condition.dtype != np.uint8:
             raise RejectedInput(
                 "extractor_output",
                 f"{self.condition} returned "
                 f"{condition.dtype}{condition.shape} for image {image.shape}",
             )
-        return condition
+
+
+def check_extractor(name: str, options: dict[str, Any]) -> None:
+    """Build the extractor once, on the CPU, before any worker starts: missing or wrong
+    weights are one line here, not a failure in every worker."""
+    try:
+        get_extractor(name, **{**options, "device": "cpu"})
+    except Exception as err:  # noqa: BLE001 - any failure to load is the user's input
+        die(f"--condition {name}: {first_line(err)}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -261,6 +327,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         metavar="NAME=VALUE",
         help="extractor option, repeatable (e.g. low_threshold=50, weights=/models/hed.pth)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="local weights of a model-based extractor (file or folder; docs/data.md)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where a model-based extractor runs: auto (GPU when present), cpu, cuda, cuda:1",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per extractor forward pass in each worker (default: %(default)s)",
     )
     parser.add_argument(
         "--extractor-module",
@@ -292,6 +375,14 @@ def main(argv: list[str] | None = None) -> None:
         die(str(err).strip("'\""))
     mode, items = list_inputs(args)
     options = parse_options(args.condition_arg)
+    if args.batch_size < 1:
+        die("--batch-size must be >= 1")
+    if needs_weights(args.condition):
+        options = {**options, "weights": args.weights or options.get("weights")}
+        check_extractor(args.condition, options)
+        options.update(device=args.device, batch_size=args.batch_size)
+    elif args.weights:
+        die(f"--weights: condition {args.condition!r} has no model (it needs no weights)")
     cfg = config_from_args(
         args,
         "from_images",
@@ -301,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             "src": os.path.abspath(args.src),
             "mode": mode,
             "condition": args.condition,
-            "options": options,
+            "options": {k: v for k, v in options.items() if k not in ("device", "batch_size")},
         },
     )
     maker = FromImagesMaker(
@@ -314,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.resize,
         cfg.image_format,
         cfg.quality,
+        args.batch_size if needs_weights(args.condition) else 1,
     )
     print_summary(run_shards(items, maker, cfg), cfg)
 

@@ -202,3 +202,43 @@ def write_fill50k_layout(out: str, num_samples: int, size: int, seed: int) -> No
         os.path.join(out, "layout.json"),
         {"layout": "fill50k", "num_samples": num_samples, "size": size, "seed": seed},
     )
+
+
+def scene_image(seed: int, height: int = 512, width: int = 512) -> np.ndarray:
+    """A photo-like test scene, uint8 RGB (H, W, 3), that depends only on ``seed``: a sky
+    gradient over a textured ground, a few shaded boxes, discs and polygons with outlines,
+    straight lines and sensor noise. It has edges, lines, smooth depth cues and regions, so
+    every condition extractor finds something in it (no photo needs to be downloaded)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = int(height * rng.uniform(0.35, 0.6))
+    sky_top, sky_bottom = rng.uniform(40, 255, 3), rng.uniform(120, 255, 3)
+    t = (yy / max(1, horizon))[..., None]
+    image = sky_top * (1 - t) + sky_bottom * t
+    ground = rng.uniform(30, 200, 3)
+    stripes = 20 * np.sin(xx / rng.uniform(6, 20) + yy / rng.uniform(3, 9))[..., None]
+    shade = (0.6 + 0.4 * (yy - horizon) / max(1, height - horizon))[..., None]
+    image = np.where((yy >= horizon)[..., None], ground * shade + stripes, image)
+    scale = min(height, width)
+    for _ in range(int(rng.integers(3, 7))):
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        edge = tuple(float(c) * 0.4 for c in colour)
+        cx, cy = int(rng.uniform(0.1, 0.9) * width), int(rng.uniform(0.2, 0.95) * height)
+        size = int(rng.uniform(0.06, 0.2) * scale)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            cv2.rectangle(image, (cx - size, cy - size), (cx + size, cy + size), colour, -1)
+            cv2.rectangle(image, (cx - size, cy - size), (cx + size, cy + size), edge, 2)
+        elif kind == 1:
+            cv2.circle(image, (cx, cy), size, colour, -1)
+            cv2.circle(image, (cx - size // 3, cy - size // 3), size // 3, (255, 255, 255), -1)
+        else:
+            points = rng.normal(0, size, (5, 2)) + (cx, cy)
+            cv2.fillPoly(image, [points.astype(np.int32)], colour)
+            cv2.polylines(image, [points.astype(np.int32)], True, edge, 2)
+    for _ in range(int(rng.integers(2, 5))):
+        p1 = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        p2 = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        cv2.line(image, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), 3)
+    image = cv2.GaussianBlur(image, (0, 0), 0.8) + rng.normal(0, 4, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
