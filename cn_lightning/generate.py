@@ -66,6 +66,16 @@ def build_parser() -> ArgumentParser:
             "'none' = image is the condition"
         ),
     )
+    parser.add_argument(
+        "--extractor-weights",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help=(
+            "local weights of a model-based --extractor (hed, depth, ...; docs/data.md): one "
+            "for all or one each, 'none' where an extractor needs none"
+        ),
+    )
     parser.add_argument("--prompt", default="", help="text prompt (default empty)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
@@ -136,9 +146,15 @@ def settings_from_args(args) -> GenerationSettings:
         None if e in (None, "none") else e
         for e in _per_control(args.extractor, n, "--extractor", None)
     ]
+    weights = [
+        None if w in (None, "none") else w
+        for w in _per_control(args.extractor_weights, n, "--extractor-weights", None)
+    ]
     controls = [
-        Control(c, i, s, e)
-        for c, i, s, e in zip(args.controlnet, args.image, scales, extractors, strict=True)
+        Control(c, i, s, e, w)
+        for c, i, s, e, w in zip(
+            args.controlnet, args.image, scales, extractors, weights, strict=True
+        )
     ]
     return GenerationSettings(
         base=args.base,

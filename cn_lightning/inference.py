@@ -68,6 +68,8 @@ class Control:
     image: str
     scale: float = 1.0
     extractor: str | None = None
+    # Local weights of a model-based extractor (hed, depth, ...).
+    extractor_weights: str | None = None
 
 
 @dataclass
@@ -117,14 +119,20 @@ def resize(image: np.ndarray, width: int, height: int, discrete: bool) -> np.nda
 
 
 def prepare_condition(
-    image: np.ndarray, width: int, height: int, extractor: str | None = None
+    image: np.ndarray,
+    width: int,
+    height: int,
+    extractor: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
 ) -> Image.Image:
     """The condition image at ``width`` x ``height``: a condition map resized, or a photo resized
-    then run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``).
+    then run through the named extractor of :mod:`cn_lightning.conditions` (e.g. ``canny``, or
+    ``depth`` with its local ``weights``, run on ``device``).
     ``None`` or ``"none"`` (as on the command line): the image already is the condition."""
     if extractor is None or extractor == "none":
         return Image.fromarray(resize(image, width, height, _is_discrete(image)))
-    from cn_lightning.conditions import get_extractor, is_discrete, list_extractors
+    from cn_lightning.conditions import get_extractor, is_discrete, list_extractors, needs_weights
 
     if extractor not in list_extractors():
         raise ConfigError(
@@ -132,7 +140,12 @@ def prepare_condition(
             f"registered: {', '.join(list_extractors())} "
             "(or none: the image already is the condition)"
         )
-    condition = get_extractor(extractor)(resize(image, width, height, discrete=False))
+    options = {}
+    if needs_weights(extractor):
+        options = {"weights": weights, "device": device}
+    elif weights:
+        raise ConfigError(f"--extractor-weights: {extractor!r} has no model (it needs no weights)")
+    condition = get_extractor(extractor, **options)(resize(image, width, height, discrete=False))
     if condition.ndim == 2:
         condition = np.repeat(condition[:, :, None], 3, axis=2)
     return Image.fromarray(resize(condition, width, height, is_discrete(extractor)))
@@ -262,7 +275,7 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
     width, height = _round(settings.width or width), _round(settings.height or height)
     settings.width, settings.height = width, height
     conditions = [
-        prepare_condition(p, width, height, c.extractor)
+        prepare_condition(p, width, height, c.extractor, c.extractor_weights, str(device))
         for p, c in zip(photos, settings.controls, strict=True)
     ]
     controlnets = load_controlnets([c.controlnet for c in settings.controls], backbone, dtype)

@@ -129,6 +129,7 @@ def test_cli_with_canny_on_another_base_model_writes_pngs_with_settings(assets, 
             "image": assets["photo"],
             "scale": 1.0,
             "extractor": "canny",
+            "extractor_weights": None,
         }
     ]
     assert json.loads(second.text["cn_lightning"])["seed"] == 6
