@@ -8,8 +8,14 @@
 #   SRC=/data/laion_subset OUT=/data/shards/laion_canny sbatch slurm/prep_shards_array.sh
 #   TOOL=ade20k SRC=/data/ADEChallengeData2016 OUT=/data/shards/ade20k \
 #     sbatch --array=0-3 slurm/prep_shards_array.sh
-#   TOOL, SRC, OUT, CONDITION (canny), RESOLUTION (512), SAMPLES_PER_SHARD (1000), EXTRA_ARGS
-#   (more data_prep flags, split on spaces), PYTHON (python).
+#   A model-based condition (hed, depth, openpose, ...; docs/data.md) on one GPU per task, a few
+#   workers sharing it:
+#   CONDITION=depth WEIGHTS=/models/depth-anything-v2-small SRC=/data/photos \
+#     OUT=/data/shards/depth EXTRA_ARGS="--device cuda --batch-size 32" \
+#     sbatch --gres=gpu:1 --cpus-per-task=4 slurm/prep_shards_array.sh
+#   TOOL, SRC, OUT, CONDITION (canny), WEIGHTS (the extractor's local weights), RESOLUTION
+#   (512), SAMPLES_PER_SHARD (1000), EXTRA_ARGS (more data_prep flags, split on spaces),
+#   PYTHON (python).
 # Dry run (prints the command each array task runs, creates and launches nothing):
 #   CN_DRY_RUN=1 SRC=/data/laion_subset OUT=/data/shards/laion_canny bash slurm/prep_shards_array.sh
 # Where outputs go: OUT/<prefix>-NNNNNN.tar + OUT/manifest.json; SLURM's log of each array task:
@@ -62,6 +68,9 @@ if [[ "$TOOL" != synthetic_circles ]]; then
 fi
 if [[ "$TOOL" == from_images ]]; then
   args+=(--condition "$CONDITION")
+  if [[ -n "${WEIGHTS:-}" ]]; then
+    args+=(--weights "$WEIGHTS")
+  fi
 fi
 read -r -a extra <<< "$EXTRA_ARGS"      # split on spaces, no glob expansion
 CMD=(srun "$PYTHON" -m "data_prep.$TOOL" "${args[@]}" ${extra[@]+"${extra[@]}"})

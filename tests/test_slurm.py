@@ -196,6 +196,24 @@ def test_prep_array_dry_run_prints_the_command_and_creates_nothing(tmp_path):
     )
     assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 3
+    # A model-based condition: its local weights reach from_images.
+    env.update(CONDITION="depth", WEIGHTS="/models/my depth", EXTRA_ARGS="--device cuda")
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "prep_shards_array.sh")],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout)[-6:] == [
+        "--condition",
+        "depth",
+        "--weights",
+        "/models/my depth",
+        "--device",
+        "cuda",
+    ]
 
 
 def _slurm_env(tmp_path: Path) -> dict[str, str]:
