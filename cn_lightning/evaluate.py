@@ -2,11 +2,16 @@
 
     python -m cn_lightning.evaluate --val-shards 'val/shard-{000000..000003}.tar' \\
         --condition-key canny --resolution 512 --base SD15 --controlnet CN --out eval/ \\
+        [--weights EXTRACTOR_WEIGHTS --extractor-device cuda] \\
         [--fid-weights pt_inception-2015-12-05-6726825d.pth] \\
         [--clip-model ViT-L-14 --clip-weights open_clip_pytorch_model.bin] [--devices 8] [--wandb]
 
-Writes ``report.json`` and ``report.md`` to ``--out``; ``--devices N`` splits the shards over N
-processes. A thin shell over :mod:`cn_lightning.evaluation`.
+Condition fidelity extracts the condition back from every image with the condition's own
+extractor (``--weights``: its local weights, for the model-based ones: hed, depth, openpose, ...)
+and compares it with the input condition by the metric ControlNet++ reports for it. Writes
+``report.json`` and ``report.md`` to ``--out`` and prints the table (condition | metric | value |
+samples); ``--devices N`` splits the shards over N processes. A thin shell over
+:mod:`cn_lightning.evaluation`.
 """
 
 from __future__ import annotations
@@ -74,6 +79,15 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)"
+    )
+    p.add_argument(
+        "--weights",
+        help="local weights of the condition's extractor, for its fidelity (model-based "
+        "conditions: hed, softedge, lineart, mlsd, scribble, depth, normal, openpose, ...)",
+    )
+    p.add_argument(
+        "--extractor-device",
+        help="device of that extractor: auto, cpu, cuda, cuda:1, ... (default: each process's)",
     )
     p.add_argument(
         "--fid-weights",

@@ -6,11 +6,17 @@ depend on how the shards are split over devices), or read from ``<images>/<key>.
 by any other tool, :class:`FolderSource`). Metrics are computed on the 8-bit images:
 
 * condition fidelity: :class:`cn_lightning.metrics.ConditionFidelity`, the training-time tracker's
-  metric (Canny edge F1, circle IoU, segmentation mIoU, SSIM — by condition type);
+  metric: the condition is extracted back from each image with the condition's own extractor
+  (model-based ones from ``weights``, on ``extractor_device``) and compared with the input
+  condition by the metric ControlNet++ reports for it (edge F1 / precision / recall, SSIM, depth
+  RMSE, normal angle, pose OKS, segmentation mIoU; circle IoU for the toy). Without the
+  extractor's weights it is left out, with a warning and a line in the report that say how to
+  get it;
 * FID against the shards' target images and CLIP score (:mod:`cn_lightning.metrics.quality`).
 
 :func:`evaluate` runs on ``devices`` processes (Lightning Fabric, DDP), reduces the metrics with
-torchmetrics and writes ``report.json`` and ``report.md`` (and, optionally, a W&B run).
+torchmetrics and writes ``report.json`` and ``report.md``, a table laid out like ControlNet++'s
+(condition, metric, value, number of samples; one row per number), and optionally a W&B run.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from cn_lightning.atomic import write_json_atomic, write_text_atomic
 from cn_lightning.errors import ConfigError
 from cn_lightning.inference import PipelineSource, resolve_device, save_png
 from cn_lightning.loggers import resolve_wandb_mode
-from cn_lightning.metrics import ConditionFidelity, condition_fidelity
+from cn_lightning.metrics import ConditionFidelity
+from cn_lightning.metrics.fidelity import fidelity_rows
 from cn_lightning.metrics.quality import ClipScore, build_clip_score, build_fid, quantize, to_uint8
 
 
@@ -68,12 +75,42 @@ class EvalConfig:
     devices: int = 1
     accelerator: str = "auto"
     dtype: str = "auto"
+    weights: str | None = None
+    extractor_device: str | None = None
 
 
 # ------------------------------------------------------------------------------ metrics and images
-def build_metrics(cfg: EvalConfig) -> dict[str, torchmetrics.Metric]:
-    """Fidelity always; FID with ``fid_weights``; CLIP score with ``clip_model``."""
-    metrics: dict[str, torchmetrics.Metric] = {"fidelity": ConditionFidelity(cfg.condition_key)}
+def extractor_options(cfg: EvalConfig, device: str | None = None) -> dict[str, Any]:
+    """Options of the condition's extractor for the fidelity metric: for a model-based one its
+    ``weights`` (``--weights``), ``device`` (``--extractor-device``, else ``device``: this
+    process's) and ``batch_size``; none for a classical one, which refuses ``--weights``."""
+    from cn_lightning.conditions import list_extractors
+    from cn_lightning.conditions.random_weights import needs_weights
+
+    model_based = cfg.condition_key in list_extractors() and needs_weights(cfg.condition_key)
+    if not model_based:
+        if cfg.weights or cfg.extractor_device:
+            flag = "--weights" if cfg.weights else "--extractor-device"
+            raise ConfigError(
+                f"{flag}: condition {cfg.condition_key!r} has no model-based extractor "
+                "(its fidelity needs no weights); leave it out"
+            )
+        return {}
+    options: dict[str, Any] = {
+        "device": cfg.extractor_device or device or "auto",
+        "batch_size": cfg.batch_size,
+    }
+    if cfg.weights:
+        options["weights"] = os.path.expanduser(cfg.weights)
+    return options
+
+
+def build_metrics(cfg: EvalConfig, device: str | None = None) -> dict[str, torchmetrics.Metric]:
+    """Fidelity always (inactive, with ``unavailable`` saying why, when its extractor cannot be
+    built); FID with ``fid_weights``; CLIP score with ``clip_model``."""
+    metrics: dict[str, torchmetrics.Metric] = {
+        "fidelity": ConditionFidelity(cfg.condition_key, extractor_options(cfg, device))
+    }
     if cfg.fid_weights:
         metrics["fid"] = build_fid(cfg.fid_weights, cfg.fid_feature)
     if cfg.clip_model:
@@ -150,7 +187,7 @@ def evaluate_split(
     from tqdm.auto import tqdm
 
     limit = math.ceil(cfg.num_samples / world_size) if cfg.num_samples else None
-    fidelity = metrics["fidelity"]
+    fidelity = _active_fidelity(metrics)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=limit, desc=f"evaluate [rank {rank}]", unit="img", disable=not progress)
     for batch in val_batches(cfg, rank, world_size):
@@ -159,15 +196,14 @@ def evaluate_split(
         batch = _truncate(batch, None if limit is None else limit - len(records))
         images = quantize(source(batch)).cpu()
         condition = batch["condition"].float().cpu()
-        scores = condition_fidelity(images, condition, cfg.condition_key)
-        fidelity.update(images, condition)
+        scores: dict[str, Tensor] = {}
+        if fidelity is not None:
+            fidelity.update(images, condition)
+            scores = fidelity.batch_scores
         clip = _update_quality(metrics, images, batch)
         for i, key in enumerate(batch["key"]):
-            record = {
-                "key": key,
-                "prompt": batch["prompt"][i],
-                "fidelity": float(scores["fidelity"][i]),
-            }
+            record = {"key": key, "prompt": batch["prompt"][i]}
+            record.update({name: float(values[i]) for name, values in scores.items()})
             if clip is not None:
                 record["clip_score"] = float(clip[i])
             records.append(record)
@@ -176,6 +212,14 @@ def evaluate_split(
         bar.update(len(batch["key"]))
     bar.close()
     return records
+
+
+def _active_fidelity(metrics: dict[str, torchmetrics.Metric]) -> ConditionFidelity | None:
+    """The fidelity metric, unless it has no extractor to measure with."""
+    fidelity = metrics.get("fidelity")
+    if isinstance(fidelity, ConditionFidelity) and fidelity.resolved is not None:
+        return fidelity
+    return None
 
 
 def _update_quality(
@@ -212,13 +256,16 @@ def _save_images(images: Tensor, keys: Sequence[str], folder: Path) -> None:
 
 
 def compute_metrics(metrics: dict[str, torchmetrics.Metric], num_samples: int) -> dict[str, float]:
-    """Reduce every metric over all ranks (torchmetrics) into plain floats."""
+    """Reduce every metric over all ranks (torchmetrics) into plain floats (an inactive fidelity
+    metric, which measured nothing, is left out)."""
     out: dict[str, float] = {}
     for name, metric in metrics.items():
         if name == "fid" and num_samples < 2:
             raise ConfigError(
                 "FID needs at least 2 samples; raise --num-samples or add validation shards"
             )
+        if name == "fidelity" and _active_fidelity(metrics) is None:
+            continue
         value = metric.compute()
         if isinstance(value, dict):
             out.update({k: float(v) for k, v in value.items()})
@@ -227,28 +274,82 @@ def compute_metrics(metrics: dict[str, torchmetrics.Metric], num_samples: int) -
     return out
 
 
+QUALITY_ROWS = (("fid", "FID"), ("clip_score", "CLIP score"))
+
+
+def results_table(
+    cfg: EvalConfig,
+    metrics: dict[str, torchmetrics.Metric],
+    values: dict[str, float],
+    records: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One row per reported number, as ControlNet++ lays out its tables: ``condition``,
+    ``metric`` (what it is), ``key`` (its name in ``values``), ``value`` and ``samples`` (the
+    samples behind it: those where the fidelity metric is defined, e.g. pose maps with a
+    person)."""
+    rows = []
+    fidelity = _active_fidelity(metrics)
+    if fidelity is not None and fidelity.metric_name is not None:
+        for key, label in fidelity_rows(fidelity.metric_name):
+            n = sum(1 for r in records if key in r and math.isfinite(r[key]))
+            rows.append(_row(cfg, label, key, values.get(key, math.nan), n))
+    for key, label in QUALITY_ROWS:
+        if key in values:
+            rows.append(_row(cfg, label, key, values[key], len(records)))
+    return rows
+
+
+def _row(cfg: EvalConfig, label: str, key: str, value: float, n: int) -> dict[str, Any]:
+    return {
+        "condition": cfg.condition_key,
+        "metric": label,
+        "key": key,
+        "value": value,
+        "samples": n,
+    }
+
+
+def fidelity_note(metrics: dict[str, torchmetrics.Metric]) -> str | None:
+    """Why the report has no fidelity, when it has none."""
+    fidelity = metrics.get("fidelity")
+    if isinstance(fidelity, ConditionFidelity) and fidelity.resolved is None:
+        return f"condition fidelity not measured: {fidelity.unavailable}"
+    return None
+
+
 # ------------------------------------------------------------------------------ report
 def write_report(
-    cfg: EvalConfig, values: dict[str, float], records: list[dict[str, Any]]
+    cfg: EvalConfig,
+    values: dict[str, float],
+    records: list[dict[str, Any]],
+    table: list[dict[str, Any]] | None = None,
+    note: str | None = None,
 ) -> tuple[Path, Path]:
-    """``report.json`` (settings, metrics, per-sample scores) and ``report.md``, written
-    atomically."""
+    """``report.json`` (settings, metrics, the table, per-sample scores) and ``report.md``,
+    written atomically."""
     out = Path(os.path.expanduser(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    report = {
+    table = table if table is not None else results_table(cfg, {}, values, records)
+    report: dict[str, Any] = {
         "num_samples": len(records),
         "metrics": values,
+        "table": table,
         "settings": asdict(cfg),
         "samples": records,
     }
+    if note:
+        report["note"] = note
     json_path = out / "report.json"
     write_json_atomic(json_path, report)
-    md_path = write_text_atomic(out / "report.md", markdown_table(cfg, values, len(records)))
+    md_path = write_text_atomic(out / "report.md", markdown_table(cfg, table, len(records), note))
     return json_path, md_path
 
 
-def markdown_table(cfg: EvalConfig, values: dict[str, float], n: int) -> str:
-    """The metrics as a Markdown table, with what was evaluated above it."""
+def markdown_table(
+    cfg: EvalConfig, table: list[dict[str, Any]], n: int, note: str | None = None
+) -> str:
+    """The table as Markdown (condition | metric | value | samples), with what was evaluated
+    above it and ``note`` below it."""
     what = cfg.images or cfg.controlnet
     lines = [
         f"# Evaluation of `{what}`",
@@ -256,10 +357,15 @@ def markdown_table(cfg: EvalConfig, values: dict[str, float], n: int) -> str:
         f"{n} samples from `{cfg.val_shards}` "
         f"(condition `{cfg.condition_key}`, {cfg.resolution} px)",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "| condition | metric | value | samples |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {value:.4f} |" for name, value in values.items()]
+    for row in table:
+        value = f"{row['value']:.4f}" if math.isfinite(row["value"]) else "n/a"
+        metric = f"{row['metric']} (`{row['key']}`)"
+        lines.append(f"| {row['condition']} | {metric} | {value} | {row['samples']} |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +401,7 @@ def log_to_wandb(cfg: EvalConfig, values: dict[str, float], records: list[dict[s
 def run_rank(fabric: Any, cfg: EvalConfig) -> dict[str, Any]:
     """One process's part: score its split, reduce, and (rank 0) write the report."""
     _, dtype = resolve_device(str(fabric.device), cfg.dtype)
-    metrics = {k: m.to(fabric.device) for k, m in build_metrics(cfg).items()}
+    metrics = {k: m.to(fabric.device) for k, m in build_metrics(cfg, str(fabric.device)).items()}
     source = FolderSource(cfg.images) if cfg.images else PipelineSource(cfg, fabric.device, dtype)
     records = evaluate_split(
         cfg, source, metrics, fabric.global_rank, fabric.world_size, fabric.is_global_zero
@@ -307,9 +413,16 @@ def run_rank(fabric: Any, cfg: EvalConfig) -> dict[str, Any]:
             f"(is --condition-key the <key>.<condition>.png member of the shards?)"
         )
     values = compute_metrics(metrics, len(records))
-    result = {"metrics": values, "num_samples": len(records), "samples": records}
+    table = results_table(cfg, metrics, values, records)
+    note = fidelity_note(metrics)
+    result = {
+        "metrics": values,
+        "table": table,
+        "num_samples": len(records),
+        "samples": records,
+    }
     if fabric.is_global_zero:
-        json_path, md_path = write_report(cfg, values, records)
+        json_path, md_path = write_report(cfg, values, records, table, note)
         result.update(report=str(json_path), markdown=str(md_path))
         if cfg.wandb:
             result["wandb_dir"] = log_to_wandb(cfg, values, records)
@@ -335,6 +448,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "or --images DIR to score existing ones"
         )
     check_val_shards(cfg.val_shards)
+    extractor_options(cfg)  # a --weights the condition cannot use fails here, before any launch
     strategy = "ddp" if cfg.devices > 1 else "auto"
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy)
     return fabric.launch(run_rank, cfg)

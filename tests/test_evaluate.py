@@ -173,7 +173,14 @@ def test_report_with_fid_and_clip_matches_the_saved_images(assets, tmp_path):
     )
 
     table = (out / "report.md").read_text()
-    assert "| metric | value |" in table and f"| fidelity | {metrics['fidelity']:.4f} |" in table
+    assert "| condition | metric | value | samples |" in table
+    assert f"| outline | circle IoU (`circle_iou`) | {metrics['fidelity']:.4f} | 5 |" in table
+    assert f"| outline | FID (`fid`) | {metrics['fid']:.4f} | 5 |" in table
+    assert [(r["key"], r["samples"]) for r in report["table"]] == [
+        ("circle_iou", 5),
+        ("fid", 5),
+        ("clip_score", 5),
+    ]
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 
@@ -206,6 +213,7 @@ def test_fidelity_of_known_images_is_hand_computed(assets, tmp_path):
     assert [s["key"] for s in report["samples"]] == keys
     assert [s["fidelity"] for s in report["samples"]] == pytest.approx(expected, abs=1e-6)
     assert report["metrics"]["fidelity"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert [s["circle_iou"] for s in report["samples"]] == pytest.approx(expected, abs=1e-6)
     assert 0.4 < expected[2] < 0.6
 
 
@@ -263,6 +271,115 @@ def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
+def _with_condition(shard: str, out: Path, name: str, extractor) -> str:
+    """A copy of ``shard`` with a ``<key>.<name>.png`` condition extracted from each target."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(shard) as src, tarfile.open(out, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            dst.addfile(member, io.BytesIO(data))
+            key, _, ext = member.name.partition(".")
+            if ext == "png":  # the target image
+                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                buf = io.BytesIO()
+                Image.fromarray(extractor(image)).save(buf, format="PNG")
+                info = tarfile.TarInfo(f"{key}.{name}.png")
+                info.size = len(buf.getvalue())
+                dst.addfile(info, io.BytesIO(buf.getvalue()))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def depth_assets(assets, tmp_path_factory) -> dict:
+    """The validation shard with depth conditions from a random-weight depth extractor."""
+    from cn_lightning.conditions import get_extractor
+    from cn_lightning.conditions.random_weights import write_random_weights
+
+    root = tmp_path_factory.mktemp("depth_eval")
+    weights = write_random_weights("depth", root / "weights")
+    extractor = get_extractor("depth", weights=weights, device="cpu")
+    shard = _with_condition(
+        assets["shards"], root / "shards" / "val-000000.tar", "depth", extractor
+    )
+    return {"shards": shard, "weights": weights, "root": root}
+
+
+def test_depth_fidelity_table_with_the_extractor_weights(assets, depth_assets, tmp_path, capsys):
+    """--weights: the depth of each image is extracted and compared with the condition; the
+    table has ControlNet++'s RMSE (0-255) and the [0, 1] score, one row each."""
+    with tarfile.open(assets["shards"]) as tar:
+        targets = {
+            m.name.split(".")[0]: np.asarray(Image.open(tar.extractfile(m)).convert("RGB"))
+            for m in tar.getmembers()
+            if m.name.count(".") == 1 and m.name.endswith(".png")
+        }
+    keys = sorted(targets)[:4]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, key in enumerate(keys):  # the target itself (follows its depth), or black
+        image = targets[key] if i % 2 == 0 else np.zeros_like(targets[key])
+        Image.fromarray(image).save(folder / f"{key}.png")
+    out = tmp_path / "eval"
+    argv = [
+        *("--val-shards", depth_assets["shards"], "--condition-key", "depth"),
+        *("--resolution", str(SIZE), "--out", str(out), "--accelerator", "cpu"),
+        *("--images", str(folder), "--num-samples", "4"),
+        *("--weights", depth_assets["weights"], "--extractor-device", "cpu"),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"fidelity", "depth_rmse"}
+    assert [(r["key"], r["samples"]) for r in report["table"]] == [
+        ("depth_rmse", 4),
+        ("fidelity", 4),
+    ]
+    scores = {s["key"]: s for s in report["samples"]}
+    for i, key in enumerate(keys):
+        if i % 2 == 0:
+            assert scores[key]["depth_rmse"] < 2 and scores[key]["fidelity"] > 0.95
+        else:
+            assert scores[key]["depth_rmse"] > 10 and scores[key]["fidelity"] < 0.5
+    rmse = np.mean([s["depth_rmse"] for s in report["samples"]])
+    assert report["metrics"]["depth_rmse"] == pytest.approx(rmse, abs=1e-4)
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for text in (printed, md):
+        assert f"| depth | RMSE, 0-255 (`depth_rmse`) | {rmse:.4f} | 4 |" in text
+        assert "| depth | score: 1 - RMSE / blank map's RMSE (`fidelity`) |" in text
+
+
+def test_fidelity_without_the_extractor_weights_is_left_out_with_a_note(
+    depth_assets, tmp_path, capsys
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(depth_assets["shards"]) as tar:
+        keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})
+    for key in keys:
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(images / f"{key}.png")
+    out = tmp_path / "eval"
+    argv = [
+        *("--val-shards", depth_assets["shards"], "--condition-key", "depth"),
+        *("--resolution", str(SIZE), "--out", str(out), "--accelerator", "cpu"),
+        *("--images", str(images), "--num-samples", "2"),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"] == {} and report["table"] == []
+    assert "fidelity" not in report["samples"][0]
+    assert "--weights" in report["note"] and "depth" in report["note"]
+    captured = capsys.readouterr()
+    assert "condition fidelity not measured" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "fidelity for 'depth'" in line]
+    assert len(warnings) == 1 and "--weights" in warnings[0]
+
+
+def test_weights_for_a_condition_without_a_model_is_refused(assets, tmp_path, capsys):
+    argv = [*_common(assets, tmp_path / "o"), "--images", str(tmp_path), "--weights", "x.pth"]
+    line = cli_error(capsys, main, argv)
+    assert "--weights" in line and "'outline'" in line and "no model-based extractor" in line
+
+
 def test_help_documents_the_options(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -279,6 +396,8 @@ def test_help_documents_the_options(capsys):
         "--images",
         "--num-samples",
         "--out",
+        "--weights",
+        "--extractor-device",
     ):
         assert option in text
 

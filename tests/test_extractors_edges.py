@@ -105,9 +105,8 @@ def test_hed_safe_option(aux, weights):
 
 
 def test_softedge_matches_controlnet_aux(aux, weights):
+    # The random file's classifier is spread (an untrained PiDiNet is 0.5 everywhere).
     ex = get_extractor("softedge", weights=weights["softedge"], device="cpu", batch_size=2)
-    with torch.no_grad():  # random PiDiNets output ~0.5 everywhere: spread the fused map
-        ex.model.classifier.weight.mul_(100)
     maps = check_batch_equals_single(ex)
     detector = aux.PidiNetDetector(ex.model)
     for image, m in zip(IMAGES, maps, strict=True):

@@ -320,9 +320,15 @@ class PiDiNetExtractor(_AnnotatorExtractor):
         edge = self.model(x)[-1][:, 0].cpu().numpy()
         return to_uint8(safe_step(edge) if self.safe else edge)
 
+    # An untrained PiDiNet fuses four near-zero side maps at 0.25 each: sigmoid 0.5 +- 0.002
+    # everywhere. The random file spreads the fused map so that its edges vary with the image.
+    random_classifier_gain = 100.0
+
     @classmethod
     def write_random_weights(cls, out_dir: str | os.PathLike, seed: int = 0) -> str:
-        state = {cls.prefix + k: v for k, v in cls.random_state(seed).items()}
+        state = cls.random_state(seed)
+        state["classifier.weight"] = state["classifier.weight"] * cls.random_classifier_gain
+        state = {cls.prefix + k: v for k, v in state.items()}
         path = os.path.join(os.fspath(out_dir), cls.filename)
         torch.save({"epoch": 0, "state_dict": state}, path)
         return path
