@@ -47,6 +47,7 @@ from cn_lightning.conditions.base import (
     seeded,
 )
 from cn_lightning.conditions.registry import register_extractor
+from cn_lightning.errors import first_line
 
 ANNOTATORS = "huggingface.co/lllyasviel/Annotators"
 
@@ -161,7 +162,7 @@ class _AnnotatorExtractor(ModelExtractor):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unreadable or not a torch file: one line, not a traceback
-            reason = (str(err).splitlines() or [repr(err)])[0]
+            reason = first_line(err)
             raise MissingWeightsError(
                 f"condition extractor {self.name!r}: cannot read weights {str(path)!r} "
                 f"({self.expected_weights}): {reason}"
@@ -171,7 +172,7 @@ class _AnnotatorExtractor(ModelExtractor):
         try:
             net.load_state_dict(state, strict=True)
         except (RuntimeError, TypeError, AttributeError) as err:  # keys or shapes differ
-            reason = (str(err).splitlines() or [repr(err)])[0]
+            reason = first_line(err)
             raise MissingWeightsError(
                 f"condition extractor {self.name!r}: {str(path)!r} does not hold the expected "
                 f"network ({self.expected_weights}): {reason}"

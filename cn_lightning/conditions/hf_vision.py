@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cn_lightning.conditions.base import MissingWeightsError
-from cn_lightning.errors import ConfigError
+from cn_lightning.errors import ConfigError, first_line
 
 # PIL resampling codes (what preprocessor_config.json stores) → torchvision's names.
 _RESAMPLE = {0: "NEAREST_EXACT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -46,10 +46,9 @@ def load_pretrained(
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         model = getattr(transformers, auto_class).from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingWeightsError(
             f"condition extractor {name!r}: cannot load {str(folder)!r} as {auto_class} "
-            f"({first_line}); expected {expected}"
+            f"({first_line(err)}); expected {expected}"
         ) from err
     return model, processor
 

@@ -31,6 +31,7 @@ from cn_lightning.conditions.base import (
     seeded,
 )
 from cn_lightning.conditions.registry import register_extractor
+from cn_lightning.errors import first_line
 
 NUM_KEYPOINTS = 18
 
@@ -409,7 +410,7 @@ class OpenPoseExtractor(ModelExtractor):
         except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
             raise MissingWeightsError(
                 f"condition extractor {self.name!r}: {str(path)!r} is not the OpenPose body "
-                f"network ({type(err).__name__}: {str(err).splitlines()[0][:200]}); expected "
+                f"network ({type(err).__name__}: {first_line(err)[:200]}); expected "
                 f"{OPENPOSE_WEIGHTS}"
             ) from err
         return model

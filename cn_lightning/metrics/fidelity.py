@@ -75,7 +75,7 @@ from torchmetrics.functional.classification import binary_jaccard_index, multicl
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from cn_lightning import log
-from cn_lightning.errors import UnknownNameError
+from cn_lightning.errors import UnknownNameError, first_line
 
 CIRCLE_KEYS = ("outline",)
 EDGE_KEYS = ("canny", "mlsd", "scribble")
@@ -178,7 +178,7 @@ def try_resolve_fidelity(
     try:
         extractor = get_extractor(condition_key, **(extractor_options or {}))
     except (MissingWeightsError, UnknownNameError) as err:
-        return None, str(err).strip().splitlines()[0]
+        return None, first_line(err)
     return ResolvedFidelity(metric, extractor), None
 
 
