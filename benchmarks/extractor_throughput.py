@@ -11,7 +11,10 @@ extractor this runs, in the same run and on the same photo-like images (no downl
 and prints both with the ratio of each extractor's ``from_images`` rate to Canny's (the
 classical reference, measured in the same run). Model-based extractors get random weights in
 their real on-disk format (:mod:`cn_lightning.conditions.random_weights`): the same network
-sizes as the published weights, except where ``--note`` says the random config is small.
+sizes as the published weights. The transformers models' random folders are small configs (for
+tests); here they are replaced by the published architectures' configs: Depth Anything V2 Small
+(24.8 M parameters) for depth and normal, SegFormer-b0 (3.8 M; the ADE20K models users pick are
+often b5, 85 M) for seg.
 
     python benchmarks/extractor_throughput.py --num-images 16 --resolution 512 --batch-size 4
 """
@@ -43,6 +46,27 @@ REFERENCE = "canny"
 # Extractors that need more than a photo (outline: the toy's own drawings; seg with a
 # predictor plug-in is covered by its weights) are left out of the default list.
 SKIP = ("outline",)
+
+
+def real_size(name: str, folder: str) -> None:
+    """Replace the small random transformers model in ``folder`` by the published
+    architecture's size (random weights; the image processor stays)."""
+    import transformers
+
+    from cn_lightning.conditions.seg import ADE20K_CLASSES
+
+    if name in ("depth", "normal"):
+        config = transformers.DepthAnythingConfig()  # Depth-Anything-V2-Small's layout
+        model = transformers.DepthAnythingForDepthEstimation(config)
+    elif name == "seg":
+        labels = dict(enumerate(ADE20K_CLASSES))
+        config = transformers.SegformerConfig(
+            num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
+        model = transformers.SegformerForSemanticSegmentation(config)  # b0
+    else:
+        return
+    model.save_pretrained(folder)
 
 
 def write_photos(folder: str, n: int, size: int) -> list:
@@ -99,7 +123,7 @@ def time_from_images(name: str, src: str, out: str, args, weights: str | None) -
         cmd += ["--weights", weights]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    match = re.search(r"([0-9.]+) samples/s per worker", done.stdout)
+    match = re.search(r"([0-9.e+-]+) samples/s per worker", done.stdout)
     if done.returncode != 0 or not match:
         raise SystemExit(f"{name}: data_prep.from_images failed:\n{done.stdout}\n{done.stderr}")
     return float(match.group(1))
@@ -122,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         images = write_photos(src, args.num_images, args.resolution)
         for name in names:
             weights = write_random_weights(name, tmp) if needs_weights(name) else None
+            if weights:
+                real_size(name, weights)
             options = {"weights": weights, "device": args.device} if weights else {}
             extractor = get_extractor(name, **options)
             if weights:

@@ -215,7 +215,7 @@ def print_summary(summary: RunSummary, cfg: PrepConfig) -> None:
     print(
         f"[{cfg.tool}] part {cfg.part_index}/{cfg.num_parts}: built {summary.shards_built} "
         f"shards ({summary.samples_written} samples, {summary.rejected} rejected), skipped "
-        f"{summary.shards_skipped} finished; {summary.samples_per_second_per_worker:.1f} "
+        f"{summary.shards_skipped} finished; {summary.samples_per_second_per_worker:.3g} "
         f"samples/s per worker. Dataset: {m['num_samples']} samples, {state}. "
         f"Manifest: {os.path.join(cfg.out, MANIFEST_NAME)}"
     )
