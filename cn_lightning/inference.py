@@ -229,6 +229,11 @@ def build_pipeline(
     backbone: Backbone, controlnets: Sequence[ControlNetModel], sampler: str = "ddim"
 ) -> StableDiffusionControlNetPipeline:
     """diffusers' ControlNet pipeline from local components; several ControlNets are summed."""
+    if backbone.is_sdxl:
+        raise ConfigError(
+            "generate and evaluate do not drive SDXL ControlNets yet: use diffusers' "
+            "StableDiffusionXLControlNetPipeline with the exported folder (docs/inference.md)"
+        )
     scheduler = make_sampler(sampler, backbone.noise_scheduler.config)
     controlnet = (
         controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))

@@ -237,28 +237,32 @@ def count_flops_per_sample(trainer: L.Trainer, pl_module, batch: dict[str, Any])
     """
     from cn_lightning.callbacks.samples import precision_context
 
-    one = {k: v[:1] for k, v in batch.items() if k in ("image", "latent", "condition", "prompt")}
+    keys = ("image", "latent", "condition", "prompt", "original_size", "crop_top_left")
+    one = {k: v[:1] for k, v in batch.items() if k in keys}
     with torch.no_grad(), precision_context(trainer, pl_module):
         with FlopCounterMode(display=False) as counter:
             if "latent" in one:
                 latents = one["latent"].float() * pl_module.vae.config.scaling_factor
             else:
                 latents = pl_module.encode_image(one["image"])
-            text = pl_module.encode_prompt(list(one["prompt"]))
+            text, pooled = pl_module.encode_text(list(one["prompt"]))
         encoders = counter.get_total_flops()
         timesteps = torch.zeros(1, dtype=torch.long, device=latents.device)
         condition = one["condition"].float()
+        # SDXL's pooled prompt and size/crop ids (None for SD 1.x/2.x).
+        added = pl_module.added_cond_kwargs(pooled, tuple(condition.shape[-2:]), one)
         with FlopCounterMode(display=False) as counter:
             pl_module.controlnet(
                 latents,
                 timesteps,
                 encoder_hidden_states=text,
                 controlnet_cond=condition,
+                added_cond_kwargs=added,
                 return_dict=False,
             )
         control = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            pl_module(latents, timesteps, text, condition)
+            pl_module(latents, timesteps, text, condition, added_cond_kwargs=added)
         unet = counter.get_total_flops() - control
     return float(encoders + 3 * control + 2 * unet)
 

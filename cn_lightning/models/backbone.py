@@ -3,7 +3,9 @@
 Two sources are accepted, both fully offline:
 
 * a diffusers pipeline directory, the layout ``StableDiffusionPipeline.save_pretrained`` writes
-  (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``);
+  (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), or the SDXL one
+  ``StableDiffusionXLPipeline.save_pretrained`` writes, which adds ``text_encoder_2/`` (a
+  ``CLIPTextModelWithProjection``) and ``tokenizer_2/``;
 * a single original-format checkpoint file (``.safetensors`` / ``.ckpt``, SD1.x or SD2.x), read
   with configs shipped inside this package (see ``cn_lightning.models.single_file``).
 """
@@ -16,29 +18,44 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from cn_lightning.errors import BackboneLoadError, first_line
 from cn_lightning.serialization import SINGLE_FILE_SUFFIXES
 
 DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What an SDXL directory has on top of the SD components.
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Backbone:
-    """The frozen parts of a Stable Diffusion model."""
+    """The frozen parts of a Stable Diffusion model (SDXL: with the second text encoder)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a UNet conditioned on the pooled text embedding and the
+        size/crop ``time_ids`` (``addition_embed_type="text_time"``)."""
+        return is_sdxl_unet(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell (8 for SD, 2 for the tiny test model)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
+    """Whether ``unet`` takes SDXL's ``added_cond_kwargs`` (``text_embeds`` + ``time_ids``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -56,13 +73,18 @@ def load_backbone(
     path: str | os.PathLike,
     frozen_dtype: str | torch.dtype | None = "fp32",
     variant: str | None = None,
+    vae_path: str | os.PathLike | None = None,
 ) -> Backbone:
     """Load and freeze a Stable Diffusion backbone from a local directory or checkpoint file.
 
     Args:
-        path: a diffusers pipeline directory or an original-format ``.safetensors``/``.ckpt``.
+        path: a diffusers pipeline directory (SD1.x, SD2.x or SDXL) or an original-format
+            ``.safetensors``/``.ckpt`` (SD1.x / SD2.x).
         frozen_dtype: dtype of the frozen weights (``fp32``, ``bf16`` or ``fp16``).
         variant: for single files, forces the architecture (``sd15``, ``sd21``, ``sd21-base``).
+        vae_path: a separate VAE to use instead of the model's own (e.g. the fp16-fix SDXL VAE):
+            a diffusers ``AutoencoderKL`` folder (``config.json`` + weights), or a pipeline
+            directory with a ``vae/`` folder.
 
     Raises:
         BackboneLoadError: the path is missing or is not a Stable Diffusion model.
@@ -86,9 +108,28 @@ def load_backbone(
             f"model path {str(path)!r} is neither a directory nor a checkpoint file "
             f"({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
+    if vae_path not in (None, ""):
+        parts["vae"] = load_vae(vae_path, dtype)
     backbone = Backbone(**parts)
     freeze_backbone(backbone, dtype)
     return backbone
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a VAE folder, or from the ``vae/`` of a pipeline directory."""
+    path = Path(os.path.expanduser(str(path)))
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise BackboneLoadError(
+            f"model.vae_path {str(path)!r} is not a diffusers VAE folder (config.json + "
+            "diffusion_pytorch_model.safetensors) nor a pipeline directory with a vae/ folder"
+        )
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BackboneLoadError(
+            f"could not load the VAE in {str(folder)!r}: {first_line(err)}"
+        ) from err
 
 
 def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> dict:
@@ -99,8 +140,14 @@ def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> dict:
             f"{', '.join(m + '/' for m in missing)} (expected unet/ vae/ text_encoder/ tokenizer/ "
             "scheduler/ as written by StableDiffusionPipeline.save_pretrained)"
         )
+    sdxl = [c for c in SDXL_COMPONENTS if (path / c).is_dir()]
+    if len(sdxl) == 1:
+        raise BackboneLoadError(
+            f"{str(path)!r} looks like an SDXL directory but has only {sdxl[0]}/: SDXL needs "
+            "both text_encoder_2/ and tokenizer_2/"
+        )
     try:
-        return {
+        parts = {
             "unet": UNet2DConditionModel.from_pretrained(
                 path / "unet", local_files_only=True, torch_dtype=dtype
             ),
@@ -115,15 +162,32 @@ def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> dict:
                 path / "scheduler", local_files_only=True
             ),
         }
+        if sdxl:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                path / "text_encoder_2", local_files_only=True, dtype=dtype
+            )
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                path / "tokenizer_2", local_files_only=True
+            )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BackboneLoadError(
             f"could not load the Stable Diffusion model in {str(path)!r}: {first_line(err)}"
         ) from err
+    if is_sdxl_unet(parts["unet"]) != bool(sdxl):
+        problem = (
+            "has text_encoder_2/ and tokenizer_2/ but its UNet is not an SDXL one"
+            if sdxl
+            else "has an SDXL UNet but no text_encoder_2/ and tokenizer_2/"
+        )
+        raise BackboneLoadError(f"{str(path)!r} {problem}")
+    return parts
 
 
 def freeze_backbone(backbone: Backbone, dtype: torch.dtype) -> None:
     """Freeze every backbone module: no gradients, eval mode, weights cast to ``dtype``."""
-    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+    for module in (backbone.unet, backbone.vae, backbone.text_encoder, backbone.text_encoder_2):
+        if module is None:
+            continue
         module.requires_grad_(False)
         module.eval()
         if any(p.dtype != dtype for p in module.parameters()):

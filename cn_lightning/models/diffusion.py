@@ -59,6 +59,43 @@ def encode_prompt(
     return text_encoder(ids)[0]
 
 
+def encode_prompt_sdxl(
+    tokenizers: Sequence,
+    text_encoders: Sequence[torch.nn.Module],
+    prompts: Sequence[str],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt encoding, as ``StableDiffusionXLPipeline.encode_prompt`` and diffusers'
+    ``train_controlnet_sdxl.py`` do it: the penultimate hidden states of both encoders
+    concatenated on the last axis, (B, tokens, hidden_1 + hidden_2), and the pooled (projected)
+    output of the last one, (B, projection_dim). The empty prompt is encoded like any other
+    (no zeroed embedding: that is only the pipeline's default *negative* prompt)."""
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        out = text_encoder(ids, output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ConfigError("SDXL needs a CLIPTextModelWithProjection as its last text encoder")
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(
+    original_size: Sequence[int], crop_top_left: Sequence[int], target_size: Sequence[int]
+) -> list[int]:
+    """SDXL's micro-conditioning ``time_ids`` of one sample, in diffusers' order:
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+    return [*map(int, original_size), *map(int, crop_top_left), *map(int, target_size)]
+
+
 def drop_prompts(
     prompts: Sequence[str], rate: float, generator: torch.Generator | None = None
 ) -> list[str]:

@@ -5,6 +5,15 @@ prompt with the frozen text encoder (replaced by "" with probability ``ucg_rate`
 random timestep, predict the scheduler's target (epsilon or v) with UNet + ControlNet residuals,
 MSE loss. Only the control branch (and, with ``sd_locked=False``, the UNet decoder) trains.
 
+SDXL backbones (a diffusers SDXL directory) work the same way, as diffusers'
+``train_controlnet_sdxl.py`` and ``StableDiffusionXLControlNetPipeline`` run them: both text
+encoders encode the prompt (the empty one too), and the ControlNet and the UNet both get
+``added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids}``. ``add_time_ids`` is
+``(original_size, crop_top_left, target_size)``: the batch's ``original_size`` /
+``crop_top_left`` (B, 2) when it has those keys, else the training image's own size and (0, 0)
+(the data module does not pass a sample's real size and crop yet); the target size is always the
+training image's size.
+
 Checkpoints hold only the trainable weights (see :meth:`ControlNetModule.state_dict`): the frozen
 backbone is reloaded from ``pretrained_model_path`` and never copied into a checkpoint.
 """
@@ -22,7 +31,12 @@ import torch.nn.functional as F
 from cn_lightning import log
 from cn_lightning.data.stream import derive_seed
 from cn_lightning.errors import ConfigError, NumericsError
-from cn_lightning.models.backbone import freeze_backbone, load_backbone, parse_dtype
+from cn_lightning.models.backbone import (
+    freeze_backbone,
+    is_sdxl_unet,
+    load_backbone,
+    parse_dtype,
+)
 from cn_lightning.models.checkpoints import load_controlnet
 from cn_lightning.models.controlnet import (
     CONTROLNET_PREFIX,
@@ -38,7 +52,9 @@ from cn_lightning.models.diffusion import (
     diffusion_target,
     drop_prompts,
     encode_prompt,
+    encode_prompt_sdxl,
     make_sampler,
+    sdxl_time_ids,
 )
 
 
@@ -72,10 +88,12 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     """Train a ControlNet on a frozen Stable Diffusion backbone.
 
     Args:
-        pretrained_model_path: diffusers SD directory or single ``.safetensors``/``.ckpt`` file.
+        pretrained_model_path: diffusers SD / SDXL directory or single ``.safetensors``/``.ckpt``
+            file (SD1.x / SD2.x).
         controlnet_path: optional existing ControlNet (diffusers folder or original-format file)
             to start from instead of copying the UNet encoder.
         variant: forces the architecture of a single-file checkpoint (``sd15``, ``sd21``, ...).
+        vae_path: a separate VAE folder to use instead of the model's (e.g. SDXL's fp16-fix VAE).
         frozen_dtype: dtype of the frozen weights (``fp32``, ``bf16``, ``fp16``); the trainable
             weights always stay fp32 (master weights).
         sd_locked: ``False`` also trains the UNet decoder and output head at
@@ -110,6 +128,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         pretrained_model_path: str,
         controlnet_path: str | None = None,
         variant: str | None = None,
+        vae_path: str | None = None,
         frozen_dtype: str = "fp32",
         sd_locked: bool = True,
         only_mid_control: bool = False,
@@ -146,14 +165,17 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
 
         # Loaded in fp32 so the trainable copy starts from the exact weights; the frozen parts
         # are cast to frozen_dtype only after the copy is made.
-        backbone = load_backbone(pretrained_model_path, "fp32", variant=variant)
+        backbone = load_backbone(pretrained_model_path, "fp32", variant=variant, vae_path=vae_path)
         self.vae_scale_factor = backbone.vae_scale_factor
         self.tokenizer = backbone.tokenizer
+        self.tokenizer_2 = backbone.tokenizer_2
         self.noise_scheduler = backbone.noise_scheduler
-        # The VAE and text encoder run before the differentiable graph. Keeping them out of the
-        # registered modules means no strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or
+        # The VAE and text encoder(s) run before the differentiable graph. Keeping them out of
+        # the registered modules means no strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or
         # checkpoints them; FrozenPartsMixin moves them with the module (device only).
         self._frozen = {"vae": backbone.vae, "text_encoder": backbone.text_encoder}
+        if backbone.is_sdxl:
+            self._frozen["text_encoder_2"] = backbone.text_encoder_2
         self.unet = backbone.unet
         self.controlnet = build_controlnet(
             backbone.unet,
@@ -175,8 +197,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # (optimizer step, micro-batches seen in it): the key of each micro-batch's generator.
         self._micro = (-1, 0)
         self._rng_step = -1
-        # Prompt -> text embedding (tokens, hidden) on the module's device: see encode_prompt.
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        # Prompt -> (text embedding (tokens, hidden), SDXL's pooled embedding or None) on the
+        # module's device: see encode_text.
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def configure_model(self) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -202,6 +225,16 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     @property
     def text_encoder(self) -> torch.nn.Module:
         return self._frozen["text_encoder"]
+
+    @property
+    def text_encoder_2(self) -> torch.nn.Module | None:
+        """SDXL's second text encoder (``CLIPTextModelWithProjection``); ``None`` for SD."""
+        return self._frozen.get("text_encoder_2")
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL backbone: two text encoders and ``added_cond_kwargs`` for UNet and branch."""
+        return is_sdxl_unet(self.unet)
 
     def _unlock_decoder(self, fp32_weights: dict[str, torch.Tensor]) -> None:
         for name, param in self.unet.named_parameters():
@@ -250,25 +283,72 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     # ------------------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], cache: bool = False) -> torch.Tensor:
-        """Prompts to text-encoder hidden states, (B, tokens, hidden).
+        """Prompts to text-encoder hidden states, (B, tokens, hidden) (SDXL: both encoders'
+        penultimate states concatenated; its pooled embedding comes from :meth:`encode_text`)."""
+        return self.encode_text(prompts, cache=cache)[0]
+
+    @torch.no_grad()
+    def encode_text(
+        self, prompts: Sequence[str], cache: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts to ``(hidden states (B, tokens, hidden), pooled (B, proj) or None)``; the
+        pooled embedding exists for SDXL only (the second encoder's projected output).
 
         The empty prompt (half of the training prompts) is encoded once and kept; with ``cache``
         every prompt of the call is kept too (the sample grid's fixed prompts), up to
-        ``PROMPT_CACHE_SIZE``. The text encoder is frozen, so a kept embedding never goes stale.
+        ``PROMPT_CACHE_SIZE``. The text encoders are frozen, so a kept embedding never goes stale.
         """
         kept = self._prompt_cache
-        if kept and next(iter(kept.values())).device != self.device:
+        if kept and next(iter(kept.values()))[0].device != self.device:
             kept.clear()  # the module moved
         new = list(dict.fromkeys(p for p in prompts if p not in kept))
-        fresh: dict[str, torch.Tensor] = {}
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if new:
-            encoded = encode_prompt(self.tokenizer, self.text_encoder, new, self.device)
-            fresh = dict(zip(new, encoded, strict=True))
+            if self.is_sdxl:
+                hidden, pooled = encode_prompt_sdxl(
+                    (self.tokenizer, self.tokenizer_2),
+                    (self.text_encoder, self.text_encoder_2),
+                    new,
+                    self.device,
+                )
+                fresh = {p: (h, q) for p, h, q in zip(new, hidden, pooled, strict=True)}
+            else:
+                hidden = encode_prompt(self.tokenizer, self.text_encoder, new, self.device)
+                fresh = {p: (h, None) for p, h in zip(new, hidden, strict=True)}
             keep = [p for p in new if cache or p == ""]
             if len(kept) + len(keep) > PROMPT_CACHE_SIZE:
                 kept.clear()
             kept.update({p: fresh[p] for p in keep[:PROMPT_CACHE_SIZE]})
-        return torch.stack([fresh[p] if p in fresh else kept[p] for p in prompts])
+        rows = [fresh[p] if p in fresh else kept[p] for p in prompts]
+        hidden = torch.stack([h for h, _ in rows])
+        pooled = torch.stack([q for _, q in rows]) if self.is_sdxl else None
+        return hidden, pooled
+
+    def added_cond_kwargs(
+        self,
+        pooled: torch.Tensor | None,
+        target_size: tuple[int, int],
+        batch: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` (``None`` for SD): ``text_embeds`` (the pooled prompt
+        embedding) and ``time_ids`` (B, 6) = ``(original_size, crop_top_left, target_size)``.
+
+        ``original_size`` and ``crop_top_left`` come from the batch's keys of those names
+        ((B, 2) each, (height, width) and (top, left) in pixels) when it has them, else they are
+        ``target_size`` and (0, 0): what diffusers' ``train_controlnet_sdxl.py`` uses too
+        (``(resolution, resolution)`` and its ``--crops_coords_top_left`` default).
+        """
+        if not self.is_sdxl:
+            return None
+        if pooled is None:
+            raise ConfigError("an SDXL backbone needs the pooled prompt embedding")
+        b = pooled.shape[0]
+        batch = batch or {}
+        original = _pairs(batch.get("original_size"), b, tuple(target_size))
+        crop = _pairs(batch.get("crop_top_left"), b, (0, 0))
+        ids = [sdxl_time_ids(o, c, target_size) for o, c in zip(original, crop, strict=True)]
+        time_ids = torch.tensor(ids, dtype=torch.float32, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     @torch.no_grad()
     def encode_image(
@@ -303,6 +383,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         timesteps: torch.Tensor,
         text_embeddings: torch.Tensor,
         condition: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """UNet prediction with control.
 
@@ -311,6 +392,8 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             timesteps: (B,) integer timesteps.
             text_embeddings: (B, tokens, hidden) from :meth:`encode_prompt`.
             condition: (B, 3, h*f, w*f) condition image in [0, 1].
+            added_cond_kwargs: SDXL only (required there): ``text_embeds`` and ``time_ids``
+                from :meth:`added_cond_kwargs`, given to the ControlNet and the UNet alike.
 
         Returns:
             (B, C, h, w) prediction (epsilon or v, as the scheduler says), fp32.
@@ -318,12 +401,18 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # Under DeepSpeed the registered modules are cast to bf16/fp16 and no autocast runs, so
         # the inputs made outside the engine must follow the branch's dtype (a no-op in fp32 and
         # under autocast, where the branch keeps fp32 weights).
+        if self.is_sdxl and added_cond_kwargs is None:
+            raise ConfigError(
+                "an SDXL ControlNetModule needs added_cond_kwargs (text_embeds, time_ids): "
+                "see ControlNetModule.added_cond_kwargs"
+            )
         branch_dtype = _dtype(self.controlnet)
         down, mid = self.controlnet(
             noisy_latents.to(branch_dtype),
             timesteps,
             encoder_hidden_states=text_embeddings.to(branch_dtype),
             controlnet_cond=condition.to(branch_dtype),
+            added_cond_kwargs=_cast(added_cond_kwargs, branch_dtype),
             return_dict=False,
         )
         down, mid = scale_residuals(down, mid, self.control_scales, self.hparams.only_mid_control)
@@ -334,6 +423,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             encoder_hidden_states=text_embeddings.to(dtype),
             down_block_additional_residuals=[r.to(dtype) for r in down],
             mid_block_additional_residual=mid.to(dtype),
+            added_cond_kwargs=_cast(added_cond_kwargs, dtype),
             return_dict=False,
         )[0]
         return pred.float()
@@ -360,7 +450,11 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         else:
             latents = self.encode_image(batch["image"], generator=device_gen)
         prompts = self.drop_prompts(batch["prompt"], generator=generator)
-        text_embeddings = self.encode_prompt(prompts)
+        text_embeddings, pooled = self.encode_text(prompts)
+        f = self.vae_scale_factor
+        added = self.added_cond_kwargs(
+            pooled, (latents.shape[-2] * f, latents.shape[-1] * f), batch
+        )
         noise = torch.randn(latents.shape, generator=device_gen, device=device)
         if self.hparams.noise_offset:
             offset = torch.randn(latents.shape[:2] + (1, 1), generator=device_gen, device=device)
@@ -369,7 +463,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator)
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = self(noisy, timesteps, text_embeddings, batch["condition"].float())
+        pred = self(noisy, timesteps, text_embeddings, batch["condition"].float(), added)
         target = self.diffusion_target(latents, noise, timesteps)
         return F.mse_loss(pred, target.float(), reduction="mean")
 
@@ -506,7 +600,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         condition = condition.to(self.device, torch.float32)
         latents = self._initial_latents(condition, seed) * scheduler.init_noise_sigma
         # Rows 0..B-1 with their prompts, then the guided rows again with the negative prompt.
-        text = self.encode_prompt([*prompts, *[negative_prompt] * len(guided)], cache=True)
+        text, pooled = self.encode_text([*prompts, *[negative_prompt] * len(guided)], cache=True)
+        # SDXL: original and target size are the image's, no crop (the pipeline's defaults).
+        added = self.added_cond_kwargs(pooled, tuple(condition.shape[-2:]))
         control = torch.cat([condition, condition[guided]])
         weight = torch.tensor([scales[i] for i in guided], device=self.device).view(-1, 1, 1, 1)
         extra = (
@@ -516,7 +612,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             model_in = torch.cat([latents, latents[guided]])
             model_in = scheduler.scale_model_input(model_in, t)
             timesteps = t.expand(model_in.shape[0]).to(self.device)
-            pred = self(model_in, timesteps, text, control)
+            pred = self(model_in, timesteps, text, control, added)
             pred, uncond = pred[:b], pred[b:]
             if guided:
                 pred = pred.clone()
@@ -592,6 +688,25 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of a model's first parameter: all of them share it here (frozen_dtype, or the
     DeepSpeed engine's cast). diffusers' ``.dtype`` walks every submodule, 1% of a toy step."""
     return next(model.parameters()).dtype
+
+
+def _cast(
+    added: dict[str, torch.Tensor] | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
+    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
+
+
+def _pairs(value: Any, n: int, default: tuple[int, int]) -> list[tuple[int, int]]:
+    """``n`` (a, b) pairs from a batch value ((n, 2) tensor / array / list of pairs), or
+    ``default`` for every row when the batch has no such key."""
+    if value is None:
+        return [default] * n
+    if torch.is_tensor(value):
+        value = value.tolist()
+    pairs = [tuple(int(x) for x in row) for row in value]
+    if len(pairs) != n or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"expected {n} (height, width)-style pairs in the batch, got {value!r}")
+    return pairs
 
 
 def _device_generator(

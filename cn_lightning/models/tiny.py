@@ -3,7 +3,10 @@
 Tests and the quickstart load it through the same path as a real SD1.5 directory
 (``cn_lightning.models.backbone.load_backbone``).
 
-    python -m cn_lightning.models.tiny --out DIR [--preset test|small] [--seed 0]
+    python -m cn_lightning.models.tiny --out DIR [--preset test|small|sdxl-test] [--seed 0]
+
+``sdxl-test`` writes a tiny SDXL pipeline directory (two text encoders, ``text_time`` UNet) that
+``StableDiffusionXLPipeline.from_pretrained`` loads, sized like diffusers' own SDXL unit tests.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from cn_lightning import log
 from cn_lightning.atomic import atomic_directory
@@ -58,6 +66,28 @@ PRESETS: dict[str, dict] = {
         "attention_head_dim": 8,
     },
 }
+# Tiny SDXL models, after diffusers' tests/pipelines/stable_diffusion_xl get_dummy_components:
+# a UNet with addition_embed_type="text_time" (8-wide time embeddings for the six time_ids plus
+# the pooled text embedding: 6 * 8 + 32 = 80 inputs), linear projections, two transformer layers
+# in the second block, cross-attention on both encoders' hidden states concatenated (32 + 32),
+# two 32-wide CLIP text encoders (the second with a 32-wide projection) and SDXL's Euler
+# scheduler. The VAE is the SD "test" one (downsamples 2x) with SDXL's scaling factor.
+SDXL_PRESETS: dict[str, dict] = {
+    "sdxl-test": {
+        "unet_channels": (4, 8),
+        "unet_groups": 1,
+        "attention_head_dim": (2, 4),
+        "transformer_layers_per_block": (1, 2),
+        "addition_time_embed_dim": 8,
+        "vae_channels": (4, 8),
+        "vae_groups": 2,
+        "text_hidden": 32,
+        "text_layers": 2,
+        "text_heads": 4,
+        "projection_dim": 32,
+    },
+}
+SDXL_VAE_SCALING_FACTOR = 0.13025
 MAX_TOKENS = 16
 # The pixel size these models train and sample at (the quickstart's 32 px). Their configs'
 # sample_size (UNet: latent cells, VAE: pixels) say so, so diffusers' pipelines and
@@ -171,12 +201,106 @@ def write_tiny_backbone(out: str | os.PathLike, preset: str = "test", seed: int 
     run never leaves a half-written model that later runs would try to load.
     """
     out = Path(out)
+    if preset in SDXL_PRESETS:
+        return write_tiny_sdxl_backbone(out, preset=preset, seed=seed)
     with atomic_directory(out) as tmp:
         tokenizer = write_tokenizer(tmp / "tokenizer")
         unet, vae, text_encoder, scheduler = build_tiny_components(
             preset, seed, vocab_size=len(tokenizer)
         )
         save_model_parts(tmp, unet, vae, text_encoder, scheduler)
+    return out
+
+
+def build_tiny_sdxl_components(
+    preset: str = "sdxl-test", seed: int = 0, vocab_size: int | None = None
+) -> dict:
+    """The components of a tiny ``StableDiffusionXLPipeline`` (tokenizers excepted), random
+    weights: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``."""
+    if preset not in SDXL_PRESETS:
+        raise ConfigError(f"unknown SDXL preset {preset!r}: expected one of {sorted(SDXL_PRESETS)}")
+    p = SDXL_PRESETS[preset]
+    torch.manual_seed(seed)
+    vae_scale_factor = 2 ** (len(p["vae_channels"]) - 1)
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=p["text_hidden"],
+        intermediate_size=p["text_hidden"] * 2,
+        num_attention_heads=p["text_heads"],
+        num_hidden_layers=p["text_layers"],
+        layer_norm_eps=1e-5,
+        vocab_size=vocab_size or 1000,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="gelu",
+        projection_dim=p["projection_dim"],
+    )
+    unet = UNet2DConditionModel(
+        sample_size=NATIVE_RESOLUTION // vae_scale_factor,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=p["unet_channels"],
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=p["attention_head_dim"],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=p["addition_time_embed_dim"],
+        transformer_layers_per_block=p["transformer_layers_per_block"],
+        projection_class_embeddings_input_dim=6 * p["addition_time_embed_dim"]
+        + p["projection_dim"],
+        cross_attention_dim=2 * p["text_hidden"],
+        norm_num_groups=p["unet_groups"],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=list(p["vae_channels"]),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(p["vae_channels"]),
+        up_block_types=["UpDecoderBlock2D"] * len(p["vae_channels"]),
+        latent_channels=4,
+        norm_num_groups=p["vae_groups"],
+        sample_size=NATIVE_RESOLUTION,
+        scaling_factor=SDXL_VAE_SCALING_FACTOR,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    # SDXL's scheduler_config.json (the base model's, minus its sample-time options).
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "scheduler": scheduler,
+    }
+
+
+def write_tiny_sdxl_backbone(
+    out: str | os.PathLike, preset: str = "sdxl-test", seed: int = 0
+) -> Path:
+    """Write a tiny SDXL model with ``StableDiffusionXLPipeline.save_pretrained`` (atomically)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        tokenizer = write_tokenizer(tmp / "tokenizer")
+        tokenizer_2 = write_tokenizer(tmp / "tokenizer_2")
+        parts = build_tiny_sdxl_components(preset, seed, vocab_size=len(tokenizer))
+        pipe = StableDiffusionXLPipeline(
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True, **parts
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
 
@@ -220,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a tiny Stable Diffusion model (diffusers layout) built from configs.",
     )
     parser.add_argument("--out", required=True, help="directory to write the model to")
-    parser.add_argument("--preset", default="test", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="test", choices=sorted({*PRESETS, *SDXL_PRESETS}))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     path = write_tiny_backbone(args.out, preset=args.preset, seed=args.seed)
