@@ -103,7 +103,8 @@ def evaluate(run_dir: Path, out: Path, control_scale: float) -> float:
 def summarise(seed: int, report: dict, wall_s: float) -> dict:
     """Convergence step and fidelity before/after from one run's ``convergence.json``."""
     metric = report["metric"]
-    series = [(p["step"], p[metric]) for p in report["series"] if metric in p]
+    # A round where the metric was undefined for every sample holds None: a missing point.
+    series = [(p["step"], p[metric]) for p in report["series"] if p.get(metric) is not None]
     step = report["sudden_convergence_step"]
     before = [v for s, v in series if step is None or s < step]
     tail = [v for _, v in series[-3:]]

@@ -119,6 +119,8 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
             assert 0.0 <= float(r["val/fidelity"]) <= 1.0
             assert float(r["val/circle_iou"]) == float(r["val/fidelity"])
             assert r["val/fidelity_no_prompt"] and float(r["samples/time_s"]) > 0
+            assert float(r["val/fidelity_se"]) >= 0  # from 2 conditions x 2 seeds
+    assert all(h["fidelity_n"] == 4 for h in samples.history)
     perf = [r for r in rows if r.get("perf/samples_per_s")]
     assert perf and all(float(r["perf/samples_per_s"]) > 0 for r in perf)
     last = perf[-1]
@@ -140,6 +142,64 @@ def test_tiny_run_logs_grids_fidelity_and_throughput(tiny_sd_path, circle_shards
     assert [p["step"] for p in report["series"]] == expected
     assert report["metric"] == "fidelity" and "sudden_convergence_step" in report
     assert report["thresholds"]["persistence"] == 3
+
+
+def test_no_extractor_means_no_fidelity_and_the_detector_off(
+    tiny_sd_path, circle_shards, tmp_path, monkeypatch, capsys
+):
+    import cn_lightning.callbacks.samples as samples_module
+
+    # resolve_fidelity returns None (after its own warning) when no extractor can be built.
+    monkeypatch.setattr(samples_module, "resolve_fidelity", lambda key, options: None)
+    module = ControlNetModule(tiny_sd_path, sample_steps=2)
+    samples = SampleGridLogger(every_n_steps=2, num_samples=2, log_spaced=False)
+    csv_logger = CSVLogger(tmp_path, name="csv", version="")
+    trainer = _trainer(tmp_path, [samples, SuddenConvergenceDetector()], [csv_logger], 4)
+    trainer.fit(module, datamodule=_datamodule(circle_shards))
+    assert [h["step"] for h in samples.history] == [0, 2, 4]
+    assert not any(k.startswith("fidelity") for h in samples.history for k in h)
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 3  # the grids go on
+    assert "val/fidelity" not in (tmp_path / "csv" / "metrics.csv").read_text()
+    report = json.loads((tmp_path / "convergence.json").read_text())
+    assert report["sudden_convergence_step"] is None
+    assert "no condition extractor" in report["detector_off"]
+    out = capsys.readouterr()
+    assert "sudden convergence" not in out.out + out.err
+    assert "fidelity is measured on" not in out.out + out.err  # no warning about the set either
+
+
+def test_sample_logger_state_survives_a_resume(tiny_sd_path, circle_shards, tmp_path):
+    """The fixed set and the series (with its standard errors) travel in the checkpoint: the
+    resumed run samples the same conditions and goes on with the same history."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, ckpt_path=None) -> SampleGridLogger:
+        samples = SampleGridLogger(every_n_steps=2, num_samples=2, log_spaced=False)
+        checkpoints = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1
+        )
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            max_steps=max_steps,
+            callbacks=[samples, SuddenConvergenceDetector(), checkpoints],
+            logger=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        module = ControlNetModule(tiny_sd_path, sample_steps=2)
+        trainer.fit(module, datamodule=_datamodule(circle_shards), ckpt_path=ckpt_path)
+        return samples
+
+    first = fit(2)
+    resumed = fit(4, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    assert [h["step"] for h in resumed.history] == [0, 2, 4]
+    assert resumed.history[:2] == first.history
+    assert resumed.history[2]["fidelity_se"] is not None
+    assert resumed.fixed_batch["prompt"] == first.fixed_batch["prompt"]
+    assert torch.equal(resumed.fixed_batch["condition"], first.fixed_batch["condition"])
 
 
 def test_detector_in_a_run_finds_the_jump_and_stops_training(

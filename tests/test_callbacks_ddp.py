@@ -32,8 +32,9 @@ SCRIPT = textwrap.dedent(
     module = ControlNetModule(model_path, sample_steps=2, guidance_scale=3.0)
     data = ShardDataModule(train_shards=shards, condition_key="outline", resolution=32,
                            batch_size=3, num_workers=0, shuffle_buffer=4, resampled=True, seed=0)
-    # 3 samples on 2 ranks: 2 each, rank 1's second one is padding (equal forward counts).
-    samples = SampleGridLogger(every_n_steps=2, num_samples=3)
+    # 3 conditions x 3 seeds = 9 jobs on 2 ranks: 5 each, rank 1's last one is padding (equal
+    # forward counts); condition by condition, so both ranks also sample without the prompt.
+    samples = SampleGridLogger(every_n_steps=2, num_samples=3, seeds_per_sample=3)
     trainer = L.Trainer(
         default_root_dir=out, accelerator="cpu", devices=2, strategy="ddp", max_steps=2,
         log_every_n_steps=1, callbacks=[samples, SuddenConvergenceDetector(), ThroughputLogger()],
@@ -83,6 +84,8 @@ def test_sampling_callbacks_under_two_process_ddp(tiny_sd_path, tmp_path):
     ]
     assert strip[0] == strip[1]
     assert [h["step"] for h in strip[0]] == [0, 1, 2]  # start, log-spaced 1, every 2 (= end)
+    # Every (condition, seed) scored once, padding left out; no prompt: the first seed only.
+    assert all(h["fidelity_n"] == 9 and h["fidelity_se"] is not None for h in strip[0])
     # Rank 0 alone writes: one grid per step with all 3 rows, one convergence.json.
     pngs = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in pngs] == [f"step_{s:07d}.png" for s in (0, 1, 2)]

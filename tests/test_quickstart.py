@@ -54,6 +54,13 @@ def test_quickstart_short(tmp_path):
     result, run_dir = run_train(tmp_path, "trainer.max_steps=4")
     check_run_directory(run_dir, result)
     assert "global batch = 8 per device x 1 devices x 1 accumulation = 8" in result.stdout
+    # The fidelity series: 16 held-out conditions (the validation shards) x 2 seeds per round,
+    # each point with its standard error from the seeds; the detector is on.
+    report = json.loads((run_dir / "convergence.json").read_text())
+    assert report["detector_off"] is None and [p["step"] for p in report["series"]] == [0, 4]
+    for point in report["series"]:
+        assert point["fidelity_n"] == 32 and point["fidelity_se"] > 0
+    assert "held-out" not in result.stderr  # no warning about the fixed set
 
 
 def evaluate_fidelity(run_dir: Path, out: Path, control_scale: float) -> float:
@@ -90,6 +97,20 @@ def evaluate_fidelity(run_dir: Path, out: Path, control_scale: float) -> float:
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 64
     return report["metrics"]["fidelity"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_quickstart_detects_convergence_at_other_seeds(tmp_path, seed):
+    """Sudden convergence is found at other seeds too, judged against the seeds' noise, and the
+    sample grids stay a modest share of the run."""
+    result, run_dir = run_train(tmp_path, f"seed={seed}")
+    report = json.loads((run_dir / "convergence.json").read_text())
+    assert report["sudden_convergence_step"] is not None, report["series"]
+    detection = report["detection"]
+    assert detection["effect"] >= 4 * detection["noise"] and detection["rise_steps"] <= 1000
+    perf = json.loads((run_dir / "perf.json").read_text())
+    assert perf["sampling_share"] < 0.15, perf
 
 
 @pytest.mark.slow

@@ -1,16 +1,26 @@
 """Sample grids and condition fidelity during training, so the model can be seen learning.
 
 At fixed optimizer steps (before training, at log-spaced early steps 1, 2, 4, ... and every
-``every_n_steps``) the :class:`SampleGridLogger` samples a fixed validation set (fixed conditions,
-prompts and seeds) with and without the prompt, logs a grid condition | sample | sample without
-prompt | target (W&B media slider, TensorBoard, PNG under ``samples/``) and the condition
-fidelity of the samples (``val/fidelity``), which :mod:`cn_lightning.callbacks.convergence`
-watches for the paper's sudden convergence.
+``every_n_steps``) the :class:`SampleGridLogger` samples a fixed set of held-out conditions and
+prompts (the first ``num_samples`` validation samples), each under ``seeds_per_sample`` sampling
+seeds, with and without the prompt. It logs a grid of the first ``grid_rows`` conditions
+(condition | sample | sample without prompt | target: W&B media slider, TensorBoard, PNG under
+``samples/``) and the condition fidelity over all of them: per key (``fidelity``, the metric's
+own keys, ``*_no_prompt``) the mean over conditions and seeds, NaN scores left out, and its
+standard error from the seeds (``<key>_se``, see :func:`round_statistics`), which
+:mod:`cn_lightning.callbacks.convergence` uses as the noise of each point when it looks for the
+paper's sudden convergence. Score ``(s, i)`` (seed replicate ``s`` of condition ``i``) always
+starts from the noise of seed ``seed + s x num_samples + i``, so rounds differ only by weights.
 
-Distributed: the fixed set is split evenly across ranks (padded so every rank runs exactly the
-same number of forward passes, which ZeRO-3's collective parameter gathering requires), each rank
-samples and scores its share, and the results are gathered to every rank. No rank waits on work
-that another rank skips, so nothing hangs and nothing is computed twice.
+When the condition has no extractor (:func:`~cn_lightning.metrics.fidelity.resolve_fidelity`
+returns ``None``, after its one warning), no fidelity is computed or logged and
+:attr:`SampleGridLogger.fidelity_off_reason` says why; the grids go on.
+
+Distributed: the (condition, seed) pairs are split evenly across ranks (padded so every rank runs
+exactly the same number of forward passes, which ZeRO-3's collective parameter gathering
+requires), each rank samples and scores its share, and the scores (and the grid rows' images)
+are gathered to every rank. No rank waits on work that another rank skips, so nothing hangs and
+nothing is computed twice.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ from cn_lightning.errors import ConfigError, DataError
 from cn_lightning.metrics.fidelity import condition_fidelity, resolve_fidelity
 
 COLUMNS = ("condition", "samples", "samples_no_prompt", "target")
+# Held-out conditions a fidelity series needs: with fewer, one sample flipping between rounds
+# moves the mean by more than 1/16, close to the detector's smallest effect (0.1).
+MIN_HELD_OUT = 16
 
 
 def make_grid(rows: list[list[torch.Tensor]], min_tile_px: int = 0) -> np.ndarray:
@@ -75,23 +88,30 @@ def sampling_schedule(step: int, every_n_steps: int, log_spaced: bool = True) ->
 
 
 class SampleGridLogger(L.Callback):
-    """Sample a fixed set at scheduled steps; log grids, fidelity and the cost of sampling.
+    """Sample a fixed held-out set at scheduled steps; log grids, fidelity and its cost.
 
     Args:
         every_n_steps: sample every this many optimizer steps (0: only at start and end).
         log_spaced: also sample at optimizer steps 1, 2, 4, 8, ... below ``every_n_steps``.
-        num_samples: size of the fixed set (rows of the grid).
+        num_samples: held-out conditions (and prompts) in the fixed set; the fidelity series
+            wants at least :data:`MIN_HELD_OUT` (a warning says when there are fewer).
+        seeds_per_sample: sampling seeds per condition each round; with 2 or more, the spread
+            across seeds gives each point's standard error (with 1, the spread across
+            conditions stands in for it, a larger figure).
+        grid_rows: conditions shown in the grid (the first ones, first seed).
         num_inference_steps / guidance_scale / sampler: sampling settings (``None``: the model's
             ``sample_steps`` / ``guidance_scale`` / ``sampler``: DDIM or UniPC).
-        seed: sample ``i`` of the fixed set always starts from the noise of seed ``seed + i``.
-        source: ``val`` (the first samples of the validation shards), ``train`` (the first
-            training batch) or ``auto`` (val when the data module has validation shards).
+        seed: replicate ``s`` of condition ``i`` starts from the noise of seed
+            ``seed + s x num_samples + i``.
+        source: ``val`` (the first samples of the validation shards, or of the held-out training
+            shards, ``data.holdout_shards``), ``train`` (the first training batch) or ``auto``
+            (val when the data module has validation samples).
         at_start: sample before the first optimizer step (the locked model's baseline).
         at_end: sample when training ends.
         out_dir: PNG folder (default ``<trainer.default_root_dir>/samples``).
         fidelity: compute condition fidelity (``val/fidelity``) of every sample.
         condition_key: the condition type for the fidelity metric (default: the data module's).
-        extractor_options: options of a model-based condition extractor (e.g. local weights).
+        extractor_options: options of the condition's extractor (e.g. local weights).
         min_tile_px: enlarge grid tiles smaller than this (nearest neighbour; 0: never).
     """
 
@@ -101,7 +121,9 @@ class SampleGridLogger(L.Callback):
         self,
         every_n_steps: int = 500,
         log_spaced: bool = True,
-        num_samples: int = 4,
+        num_samples: int = MIN_HELD_OUT,
+        seeds_per_sample: int = 2,
+        grid_rows: int = 4,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
@@ -117,9 +139,18 @@ class SampleGridLogger(L.Callback):
     ) -> None:
         if source not in ("auto", "val", "train"):
             raise ConfigError(f"source must be auto, val or train; got {source!r}")
+        for name, value in (
+            ("num_samples", num_samples),
+            ("seeds_per_sample", seeds_per_sample),
+            ("grid_rows", grid_rows),
+        ):
+            if int(value) < 1:
+                raise ConfigError(f"callbacks.samples.{name} must be >= 1; got {value}")
         self.every_n_steps = int(every_n_steps or 0)
         self.log_spaced = log_spaced
-        self.num_samples = num_samples
+        self.num_samples = int(num_samples)
+        self.seeds_per_sample = int(seeds_per_sample)
+        self.grid_rows = int(grid_rows)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.sampler = sampler
@@ -133,24 +164,42 @@ class SampleGridLogger(L.Callback):
         self.extractor_options = dict(extractor_options or {})
         self.min_tile_px = int(min_tile_px or 0)
         self.fixed_batch: dict[str, Any] | None = None
-        # One entry per sampling round: {"step", "fidelity", <metric>, "fidelity_no_prompt", ...}
+        # One entry per sampling round: {"step", "fidelity", "fidelity_se", <metric>, ...}
         self.history: list[dict[str, Any]] = []
         self.total_sampling_s = 0.0
-        self._resolved: tuple[str, Any] | None = None
+        # Why there is no fidelity series (None: there is one); read by the detector.
+        self.fidelity_off_reason: str | None = (
+            None if fidelity else "callbacks.samples.fidelity is false"
+        )
+        self._resolved: Any = None
+        self._resolve_pending = bool(fidelity)
         self._train_start: float | None = None
         self._last_logged_step = -1
+
+    @property
+    def scores_fidelity(self) -> bool:
+        """Whether rounds compute fidelity (on, and the condition has an extractor)."""
+        return self.fidelity_off_reason is None
 
     # ------------------------------------------------------------------------- Lightning
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start = time.perf_counter()
-        if self.fidelity and self._resolved is None:
+        if self._resolve_pending:
+            self._resolve_pending = False
             key = self.condition_key or getattr(trainer.datamodule, "condition_key", None)
             self.condition_key = key or "unknown"
+            # None after one warning (from the metrics module): no extractor, no fidelity.
             self._resolved = resolve_fidelity(self.condition_key, self.extractor_options)
+            if self._resolved is None:
+                self.fidelity_off_reason = (
+                    f"no condition extractor for {self.condition_key!r} could be built "
+                    "(see the warning above; callbacks.samples.extractor_options)"
+                )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.fixed_batch is None:
             self.fixed_batch = self._broadcast(trainer, self._pick_fixed_batch(trainer, batch))
+            self._check_fixed_set(self.fixed_batch)
         if self.at_start and trainer.global_step == 0 and not self.history:
             self.log_samples(trainer, pl_module)
 
@@ -193,76 +242,146 @@ class SampleGridLogger(L.Callback):
         self.total_sampling_s += elapsed
         entry = self._history_entry(step, scores, elapsed)
         self.history.append(entry)
-        if self.fidelity:
+        if entry.get("fidelity") is not None:
             trainer.callback_metrics["val/fidelity"] = torch.tensor(entry["fidelity"])
         if not trainer.is_global_zero:
             return None
         return self._publish(trainer, step, images, entry)
 
-    def _sample_all_ranks(self, trainer: L.Trainer, pl_module) -> tuple[dict, dict]:
-        """Sample this rank's share of the fixed set, score it, gather everything in order."""
-        batch = self.fixed_batch
-        n = len(batch["prompt"])
-        world, rank = max(1, trainer.world_size), trainer.global_rank
-        per_rank = math.ceil(n / world)
-        # Padded with the last sample: equal work (and forward passes) on every rank.
-        indices = [min(i, n - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        local = self._sample_indices(trainer, pl_module, indices)
-        local["index"] = [i for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        parts = _all_gather_objects(local, world)
-        order = sorted((i, part, j) for part in parts for j, i in enumerate(part["index"]) if i < n)
-        images = {
-            c: torch.stack([part[c][j] for _, part, j in order]).float() / 255
-            for c in COLUMNS
-            if c in parts[0]
-        }
-        images["prompts"] = [batch["prompt"][i] for i, _, _ in order]
-        scores = {
-            k: torch.stack([part["scores"][k][j] for _, part, j in order])
-            for k in parts[0]["scores"]
-        }
-        return images, scores
+    def sampling_jobs(self) -> list[tuple[int, int]]:
+        """Every ``(seed replicate s, condition i)`` of a round, condition by condition (so an
+        even split across ranks gives each rank as many first-seed jobs, which also sample
+        without the prompt). Replicate ``s`` of condition ``i`` starts from seed
+        ``seed + s x num_samples + i``: replicate 0 keeps seed ``seed + i``."""
+        n = len(self.fixed_batch["prompt"])
+        return [(s, i) for i in range(n) for s in range(self.seeds_per_sample)]
 
-    def _sample_indices(self, trainer: L.Trainer, pl_module, indices: list[int]) -> dict:
-        """Samples (uint8, CPU) and fidelity scores for the fixed-set ``indices``."""
+    def _sample_all_ranks(self, trainer: L.Trainer, pl_module) -> tuple[dict, dict]:
+        """Sample this rank's share of the jobs, score it, gather everything in job order.
+
+        Returns the grid's images ((rows, 3, H, W) in [0, 1] per column, and the prompts) and
+        the scores, ``{key: (seeds_per_sample, num_samples)}`` float tensors (NaN: undefined).
+        """
+        jobs = self.sampling_jobs()
+        total = len(jobs)
+        world, rank = max(1, trainer.world_size), trainer.global_rank
+        per_rank = math.ceil(total / world)
+        ids = list(range(rank * per_rank, (rank + 1) * per_rank))
+        # Padded with the last job: equal work (and forward passes) on every rank.
+        local = self._sample_jobs(trainer, pl_module, ids, [jobs[min(j, total - 1)] for j in ids])
+        parts = _all_gather_objects(local, world)
+        n = len(self.fixed_batch["prompt"])
+        scores: dict[str, torch.Tensor] = {}
+        rows: dict[int, dict[str, torch.Tensor]] = {}
+        for part in parts:
+            rows.update(part["rows"])
+            for pos, job in enumerate(part["ids"]):
+                if job >= total:
+                    continue  # padding
+                s, i = jobs[job]
+                for key, values in part["scores"].items():
+                    scores.setdefault(key, torch.full((self.seeds_per_sample, n), math.nan))
+                    scores[key][s, i] = values[pos]
+        return self._grid_images(rows), scores
+
+    def _sample_jobs(
+        self, trainer: L.Trainer, pl_module, ids: list[int], jobs: list[tuple[int, int]]
+    ) -> dict:
+        """Samples and scores of this rank's jobs (``ids``, padding included): ``scores``
+        (key -> (len(ids),) tensor), and the grid rows' images (uint8, CPU) by condition."""
         batch = self.fixed_batch
+        indices = [i for _, i in jobs]
         condition = batch["condition"][indices].float() / 255
-        prompts = [batch["prompt"][i] for i in indices]
-        seeds = [self.seed + i for i in indices]
+        seeds = [self.seed + s * len(batch["prompt"]) + i for s, i in jobs]
+        # Without the prompt only the first seed: the no-prompt series is a side metric, and
+        # a row without guidance is still a third of a job's cost.
+        first = [pos for pos, (s, _) in enumerate(jobs) if s == 0]
+        samples, no_prompt = self._sample_rows(
+            trainer, pl_module, condition, [batch["prompt"][i] for i in indices], seeds, first
+        )
+        out: dict[str, Any] = {"ids": ids, "scores": {}, "rows": {}}
+        # Only the grid's rows travel as images (the rest would be gathered for nothing).
+        for k, pos in enumerate(first):
+            i = jobs[pos][1]
+            if i < self.grid_rows:
+                row = {"condition": batch["condition"][i]}
+                row["samples"] = _to_uint8(samples[pos : pos + 1])[0]
+                row["samples_no_prompt"] = _to_uint8(no_prompt[k : k + 1])[0]
+                if "target" in batch:
+                    row["target"] = batch["target"][i]
+                out["rows"][i] = row
+        if self.scores_fidelity:
+            out["scores"].update(self._score(samples, condition))
+            unguided = self._score(no_prompt, condition[first]) if first else {}
+            for key, values in unguided.items():
+                # NaN for the other seeds: left out of the no-prompt means.
+                column = torch.full((len(jobs),), math.nan)
+                column[first] = values
+                out["scores"][f"{key}_no_prompt"] = column
+        return out
+
+    def _sample_rows(
+        self,
+        trainer: L.Trainer,
+        pl_module,
+        condition: torch.Tensor,
+        prompts: list[str],
+        seeds: list[int],
+        unprompted: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched sampling call: every row with its prompt (guided), and the rows
+        ``unprompted`` again with the empty prompt, from the same noise (both guidance branches
+        would then be equal, so guidance 1: the same image at half the cost).
+
+        Returns:
+            (B, 3, H, W) and (len(unprompted), 3, H, W) images in [0, 1], fp32, CPU.
+        """
+        n = len(prompts)
+        scale = self.guidance_scale
+        if scale is None:
+            scale = pl_module.hparams.guidance_scale
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad(), precision_context(trainer, pl_module):
-                samples, no_prompt = pl_module.sample_with_and_without_prompt(
-                    condition,
-                    prompts,
-                    seed=seeds,
-                    guidance_scale=self.guidance_scale,
+                both = pl_module.sample(
+                    torch.cat([condition, condition[unprompted]]),
+                    [*prompts, *[""] * len(unprompted)],
+                    guidance_scale=[scale] * n + [1.0] * len(unprompted),
+                    seed=seeds + [seeds[pos] for pos in unprompted],
                     num_inference_steps=self.num_inference_steps,
                     sampler=self.sampler,
                 )
-                samples, no_prompt = samples.float().cpu(), no_prompt.float().cpu()
         finally:
             pl_module.train(was_training)
-        out = {
-            "condition": batch["condition"][indices],
-            "samples": _to_uint8(samples),
-            "samples_no_prompt": _to_uint8(no_prompt),
-            "scores": {},
+        both = both.float().cpu()
+        return both[:n], both[n:]
+
+    def _score(self, images: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample fidelity scores, ``{key: (B,) float}`` (NaN where undefined)."""
+        scored = condition_fidelity(images, condition, self.condition_key, _resolved=self._resolved)
+        return {k: v.float() for k, v in scored.items()}
+
+    def _grid_images(self, rows: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The grid's columns, (rows, 3, H, W) in [0, 1], and its prompts, in condition order."""
+        order = sorted(rows)
+        images: dict[str, Any] = {
+            c: torch.stack([rows[i][c] for i in order]).float() / 255
+            for c in COLUMNS
+            if c in rows[order[0]]
         }
-        if "target" in batch:
-            out["target"] = batch["target"][indices]
-        if self.fidelity:
-            for name, images in (("", samples), ("_no_prompt", no_prompt)):
-                scored = condition_fidelity(
-                    images, condition, self.condition_key, _resolved=self._resolved
-                )
-                out["scores"].update({k + name: v for k, v in scored.items()})
-        return out
+        images["prompts"] = [self.fixed_batch["prompt"][i] for i in order]
+        return images
 
     def _history_entry(self, step: int, scores: dict[str, torch.Tensor], elapsed: float) -> dict:
+        """``{"step", <key>: mean or None, <key>_se: its standard error or None, ...,
+        "fidelity_n": finite fidelity scores, "sampling_s", "sampling_share"}``."""
         entry: dict[str, Any] = {"step": int(step)}
-        entry.update({k: float(v.float().mean()) for k, v in scores.items()})
+        for key, matrix in scores.items():
+            mean, se = round_statistics(matrix)
+            entry[key], entry[f"{key}_se"] = mean, se
+        if scores:
+            entry["fidelity_n"] = int(torch.isfinite(scores["fidelity"]).sum())
         entry["sampling_s"] = round(elapsed, 4)
         entry["sampling_share"] = round(self.time_share(), 4)
         return entry
@@ -279,12 +398,15 @@ class SampleGridLogger(L.Callback):
         grid = images_to_grid(images, COLUMNS, min_tile_px=self.min_tile_px)
         path = self._png_path(trainer, step)
         Image.fromarray(grid).save(path)
-        fid = f" | fidelity {entry['fidelity']:.3f}" if "fidelity" in entry else ""
+        fid = ""
+        if entry.get("fidelity") is not None:
+            se = entry.get("fidelity_se")
+            fid = f" | fidelity {entry['fidelity']:.3f}" + (f" ± {se:.3f}" if se else "")
         caption = f"step {step}{fid} | " + " | ".join(p or '""' for p in images["prompts"])
         metrics = {
             f"val/{k}": v
             for k, v in entry.items()
-            if k not in ("step", "sampling_s", "sampling_share")
+            if k not in ("step", "sampling_s", "sampling_share") and v is not None
         }
         metrics["samples/time_s"] = entry["sampling_s"]
         metrics["samples/time_share"] = entry["sampling_share"]
@@ -308,34 +430,82 @@ class SampleGridLogger(L.Callback):
 
     # ------------------------------------------------------------------------- fixed set
     def _pick_fixed_batch(self, trainer: L.Trainer, batch: dict[str, Any]) -> dict[str, Any]:
-        """The fixed set: the first validation samples, else the first training batch.
+        """The fixed set: the first held-out samples, else the first training batch.
 
-        Stored on the CPU: ``condition`` and ``target`` as uint8 (B, 3, H, W), ``prompt``.
+        Stored on the CPU: ``condition`` and ``target`` as uint8 (B, 3, H, W), ``prompt``, and
+        ``held_out`` (whether the samples are held out from training).
         """
-        use_val = self.source == "val" or (
-            self.source == "auto" and getattr(trainer.datamodule, "val_shards", None)
-        )
+        datamodule = trainer.datamodule
+        use_val = self.source == "val" or (self.source == "auto" and _has_val_data(datamodule))
         if use_val and trainer.is_global_zero:
-            batch = _first_val_samples(trainer.datamodule, self.num_samples)
+            batch = _first_val_samples(datamodule, self.num_samples)
         n = self.num_samples
-        if len(batch["prompt"]) < n:
-            log.warning(
-                f"sample grid: only {len(batch['prompt'])} samples available for num_samples={n} "
-                "(the fixed set comes from one batch; set data.val_shards for more)"
-            )
         fixed = {
             "condition": _to_uint8(batch["condition"][:n].float()),
             "prompt": [str(p) for p in batch["prompt"][:n]],
+            "held_out": bool(use_val),
         }
         if "image" in batch:
             fixed["target"] = _to_uint8((batch["image"][:n].float() + 1) / 2)
         return fixed
+
+    def _check_fixed_set(self, fixed: dict[str, Any]) -> None:
+        """One warning line when the fidelity series rests on too few or on training samples."""
+        if not self.scores_fidelity:
+            return
+        n, held_out = len(fixed["prompt"]), fixed.get("held_out", True)
+        if not held_out:
+            log.warning(
+                f"sample grid: fidelity is measured on {n} training samples, not held-out ones "
+                "(first training batch); set data.val_shards or data.holdout_shards"
+            )
+        elif n < MIN_HELD_OUT:
+            log.warning(
+                f"sample grid: fidelity over only {n} held-out conditions (sudden-convergence "
+                f"detection wants >= {MIN_HELD_OUT}); raise callbacks.samples.num_samples or "
+                "give data.val_shards / data.holdout_shards more samples"
+            )
 
     def _broadcast(self, trainer: L.Trainer, fixed: dict[str, Any]) -> dict[str, Any]:
         # Ranks see different first batches: everyone takes rank 0's so results are one set.
         if trainer.world_size > 1:
             fixed = trainer.strategy.broadcast(fixed, src=0)
         return fixed
+
+
+def round_statistics(scores: torch.Tensor) -> tuple[float | None, float | None]:
+    """Mean of a round's scores and its standard error from the sampling seeds.
+
+    Args:
+        scores: (S, N) scores of N conditions under S seeds; NaN where the metric is undefined.
+
+    Returns:
+        ``(mean, se)``: the mean over the finite scores (``None`` when there are none: a missing
+        point) and the standard error of that mean under re-drawn seeds: the within-condition
+        variance across seeds, pooled over conditions (each with its seeds' degrees of
+        freedom), over the number of finite scores. The conditions are the same in every round,
+        so the spread between them is not noise of the series; with one seed (or no condition
+        scored twice) the spread across all scores stands in, an upper bound. ``None`` when
+        there is no spread to measure (fewer than two finite scores).
+    """
+    values = scores.double()
+    finite = torch.isfinite(values)
+    count = int(finite.sum())
+    if count == 0:
+        return None, None
+    mean = float(values[finite].mean())
+    per_condition = finite.sum(dim=0)
+    filled = torch.where(finite, values, torch.zeros_like(values))
+    condition_mean = filled.sum(dim=0) / per_condition.clamp(min=1)
+    squares = torch.where(finite, (values - condition_mean) ** 2, torch.zeros_like(values))
+    dof = int((per_condition - 1).clamp(min=0).sum())
+    if dof > 0:
+        variance = float(squares.sum()) / dof
+    elif count > 1:
+        variance = float(values[finite].var())
+    else:
+        return mean, None
+    return mean, math.sqrt(variance / count)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -361,6 +531,14 @@ def _first_val_samples(datamodule, n: int) -> dict[str, Any]:
         if parts[key]:
             out[key] = torch.stack(parts[key][:n])
     return out
+
+
+def _has_val_data(datamodule) -> bool:
+    """Whether the data module has held-out samples (validation or held-out training shards)."""
+    val_urls = getattr(datamodule, "val_urls", None)
+    if callable(val_urls):
+        return bool(val_urls())
+    return bool(getattr(datamodule, "val_shards", None))
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -392,9 +570,11 @@ def precision_context(trainer: L.Trainer, pl_module) -> contextlib.AbstractConte
 
 
 __all__ = [
+    "MIN_HELD_OUT",
     "SampleGridLogger",
     "images_to_grid",
     "make_grid",
     "precision_context",
+    "round_statistics",
     "sampling_schedule",
 ]

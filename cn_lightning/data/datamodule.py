@@ -107,6 +107,11 @@ class ShardDataModule(L.LightningDataModule):
         crop / random_flip: training augmentation, the same for image and condition.
         use_cached_latents: read ``<key>.latent.npy`` into ``batch["latent"]``.
         seed: with rank, worker, epoch and position, seeds every random choice.
+        holdout_shards: when ``val_shards`` is null, hold out the last N shards of
+            ``train_shards`` (in their listed order): never trained on, whatever the seed, ranks
+            or workers, and read as the validation shards (sample grids, fidelity, validation
+            loss). Ignored when ``val_shards`` is set; with no more shards than that, nothing
+            is held out (one warning).
     """
 
     def __init__(
@@ -125,8 +130,11 @@ class ShardDataModule(L.LightningDataModule):
         use_cached_latents: bool = False,
         seed: int = 0,
         val_batch_size: int | None = None,
+        holdout_shards: int = 0,
     ):
         super().__init__()
+        if not isinstance(holdout_shards, int) or holdout_shards < 0:
+            raise DataError(f"holdout_shards must be an integer >= 0, got {holdout_shards!r}")
         if crop not in ("center", "random"):
             raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
         if use_cached_latents and (crop != "center" or random_flip):
@@ -156,6 +164,9 @@ class ShardDataModule(L.LightningDataModule):
         self.crop = crop
         self.use_cached_latents = use_cached_latents
         self.seed = seed
+        # Only without validation shards: with them, holding out training data buys nothing.
+        self.holdout_shards = holdout_shards if val_shards is None else 0
+        self._holdout_warned = False
         self._resume_position: tuple[int, int] | None = None
         self._skipped = {"train": 0, "val": 0}
         self._checked: set[str] = set()
@@ -224,6 +235,39 @@ class ShardDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+    # -- shard lists ------------------------------------------------------------------------
+    def train_urls(self) -> list[str]:
+        """The shards trained on: ``train_shards`` without the held-out last ones."""
+        urls = expand_shard_urls(self.train_shards)
+        if not urls:
+            raise DataError(f"train_shards {self.train_shards!r} matches no shards")
+        return urls[: len(urls) - self._held_out_count(len(urls))]
+
+    def val_urls(self) -> list[str] | None:
+        """The validation shards: ``val_shards``, else the held-out training shards, else None."""
+        if self.val_shards is not None:
+            urls = expand_shard_urls(self.val_shards)
+            if not urls:
+                raise DataError(f"val_shards {self.val_shards!r} matches no shards")
+            return urls
+        urls = expand_shard_urls(self.train_shards)
+        held_out = self._held_out_count(len(urls))
+        return urls[len(urls) - held_out :] if held_out else None
+
+    def _held_out_count(self, num_shards: int) -> int:
+        """``holdout_shards``, or 0 (said once) when it would leave nothing to train on: a
+        one-shard smoke test of a recipe still runs, its grids scoring training samples."""
+        if 0 < num_shards <= self.holdout_shards:
+            if not self._holdout_warned:
+                self._holdout_warned = True
+                log.warning(
+                    f"data.holdout_shards={self.holdout_shards} would leave no training shard "
+                    f"(train_shards has {num_shards}): nothing is held out; give more shards "
+                    "or data.val_shards"
+                )
+            return 0
+        return self.holdout_shards
+
     # -- checks before the first step -----------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Check the shards the stage reads before any batch (Lightning calls this on every rank
@@ -281,10 +325,18 @@ class ShardDataModule(L.LightningDataModule):
             condition_key=self.condition_key,
             need_latent=self.use_cached_latents,
         )
+        if split == "train":
+            urls = self.train_urls()
+            held_out = len(self.val_urls() or []) if self.val_shards is None else 0
+            if held_out:
+                log.info(
+                    f"holding out the last {held_out} of {len(urls) + held_out} train_shards "
+                    "as validation data (never trained on)"
+                )
         if split == "train" and not self.resampled:
             _, world_size = self._rank_world()
             _check_shard_count(len(urls), world_size, self.num_workers)
-            self._batches_per_epoch(spec, world_size)
+            self._batches_per_epoch(urls, world_size)
         self._checked.add(split)
 
     # -- datasets -------------------------------------------------------------------------
@@ -313,9 +365,7 @@ class ShardDataModule(L.LightningDataModule):
         """The training stream of one rank (rank/world from the trainer unless given)."""
         if rank is None or world_size is None:
             rank, world_size = self._rank_world()
-        urls = expand_shard_urls(self.train_shards)
-        if not urls:
-            raise DataError(f"train_shards {self.train_shards!r} matches no shards")
+        urls = self.train_urls()
         if not self.resampled:
             _check_shard_count(len(urls), world_size, self.num_workers)
         cfg = StreamConfig(
@@ -325,7 +375,7 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
-            batches_per_epoch=self._batches_per_epoch(self.train_shards, world_size),
+            batches_per_epoch=self._batches_per_epoch(urls, world_size),
             crop=self.crop,
             random_flip=self.random_flip,
             use_cached_latents=self.use_cached_latents,
@@ -345,14 +395,13 @@ class ShardDataModule(L.LightningDataModule):
     def build_val_dataset(
         self, rank: int | None = None, world_size: int | None = None
     ) -> ShardStream | None:
-        """One pass over the validation shards, split by sample across ranks and workers."""
-        if self.val_shards is None:
+        """One pass over the validation shards (or the held-out training shards), split by
+        sample across ranks and workers."""
+        urls = self.val_urls()
+        if urls is None:
             return None
         if rank is None or world_size is None:
             rank, world_size = self._rank_world()
-        urls = expand_shard_urls(self.val_shards)
-        if not urls:
-            raise DataError(f"val_shards {self.val_shards!r} matches no shards")
         cfg = StreamConfig(
             urls=urls,
             condition_key=self.condition_key,
