@@ -303,9 +303,10 @@ def test_from_images_unknown_extractor_is_a_clear_error(tmp_path, capsys):
     write_image(tmp_path / "a" / "x.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(SystemExit):
         from_images.main(
-            ["--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--condition", "hed"]
+            ["--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--condition", "heed"]
         )
-    assert "unknown condition extractor 'hed'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown condition extractor 'heed'" in err and "registered: canny" in err
 
 
 # ------------------------------------------------------------------------ ade20k
