@@ -49,14 +49,18 @@ def encode_prompt(
     tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], device: torch.device
 ) -> torch.Tensor:
     """Prompts to text-encoder hidden states, (B, tokens, hidden), padded to the model's length."""
-    ids = tokenizer(
+    return text_encoder(token_ids(tokenizer, prompts, device))[0]
+
+
+def token_ids(tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Token ids (B, model_max_length), padded and truncated to the tokenizer's length."""
+    return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
-    return text_encoder(ids)[0]
 
 
 def encode_prompt_sdxl(
@@ -72,14 +76,7 @@ def encode_prompt_sdxl(
     (no zeroed embedding: that is only the pipeline's default *negative* prompt)."""
     hidden, pooled = [], None
     for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        out = text_encoder(ids, output_hidden_states=True)
+        out = text_encoder(token_ids(tokenizer, prompts, device), output_hidden_states=True)
         if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
             pooled = out[0]
         hidden.append(out.hidden_states[-2])
