@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from cn_lightning.conditions.registry import as_uint8_rgb, get_spec, list_extractors
-from cn_lightning.errors import ConfigError
+from cn_lightning.errors import ConfigError, first_line
 
 # Where each way of running an extractor takes its weights, for the error messages.
 WEIGHTS_OPTIONS = (
@@ -136,6 +137,24 @@ class ModelExtractor:
         return out  # type: ignore[return-value]
 
     # --------------------------------------------------------------------------- helpers
+    def read_state(self, path: Path) -> Any:
+        """``torch.load`` of a local weights file on the CPU, tensors only: a file that holds
+        anything else (code, objects) is refused in one line, never unpickled."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # torch's own message invites weights_only=False, i.e. running the file's code.
+            raise MissingWeightsError(
+                f"condition extractor {self.name!r}: cannot read weights {str(path)!r} "
+                f"({self.expected_weights}): not a file of plain tensors (refused unread: "
+                "loading it could run code)"
+            ) from err
+        except Exception as err:  # unreadable or not a torch file: one line, not a traceback
+            raise MissingWeightsError(
+                f"condition extractor {self.name!r}: cannot read weights {str(path)!r} "
+                f"({self.expected_weights}): {first_line(err)}"
+            ) from err
+
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, 3) → float32 (B, 3, H, W) in [0, 255] on the device."""
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()

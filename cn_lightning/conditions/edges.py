@@ -157,17 +157,6 @@ class _AnnotatorExtractor(ModelExtractor):
             )
         return path
 
-    def read_state(self, path: Path) -> Any:
-        """``torch.load`` of the local file, tensors only (no code runs), on the CPU."""
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unreadable or not a torch file: one line, not a traceback
-            reason = first_line(err)
-            raise MissingWeightsError(
-                f"condition extractor {self.name!r}: cannot read weights {str(path)!r} "
-                f"({self.expected_weights}): {reason}"
-            ) from err
-
     def load_into(self, net: torch.nn.Module, state: Any, path: Path) -> torch.nn.Module:
         try:
             net.load_state_dict(state, strict=True)

@@ -403,8 +403,8 @@ class OpenPoseExtractor(ModelExtractor):
         util, bodypose_model, _ = _openpose_modules()
         path = resolve_body_weights(weights)
         model = bodypose_model()
+        state = self.read_state(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             # Body's key transfer: the file's keys lack the network's first name component.
             model.load_state_dict(util.transfer(model, state))
         except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
