@@ -28,6 +28,8 @@ EXPERIMENTS = {
     "openpose": "openpose",
     "scribble": "scribble",
 }
+# The same recipe on SDXL at 1024 px (conf/recipe/controlnet11_sdxl.yaml).
+SDXL_EXPERIMENTS = {"canny_sdxl": "canny", "depth_sdxl": "depth"}
 
 
 def _compose(*overrides: str):
@@ -53,6 +55,45 @@ def test_experiment_composes_with_the_recipe(name, monkeypatch):
     # 8 x A100 and one GPU reach the same logical batch.
     assert cfg.data.batch_size * 8 * resolve_accumulation(cfg, world_size=8) == 256
     assert cfg.data.batch_size * resolve_accumulation(cfg, world_size=1) == 256
+
+
+@pytest.mark.parametrize("name", sorted(SDXL_EXPERIMENTS))
+def test_sdxl_experiment_composes_at_1024_with_logical_batch_256(name, monkeypatch):
+    from cn_lightning.batching import BatchPlan
+
+    monkeypatch.setenv("SDXL_PATH", "/models/sdxl-base")
+    cfg = _compose(f"+experiment={name}")
+    assert cfg.task_name == name
+    assert cfg.data.condition_key == SDXL_EXPERIMENTS[name]
+    # model=sdxl (its SDXL_PATH and guidance), at SDXL's 1024 px, in bf16.
+    assert cfg.model.pretrained_model_path == "/models/sdxl-base"
+    assert cfg.model.guidance_scale == 5.0
+    assert cfg.data.resolution == 1024
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.frozen_dtype == "bf16" and cfg.model.gradient_checkpointing is True
+    assert cfg.trainer.strategy.stage == 2 and cfg.trainer.strategy.exclude_frozen_parameters
+    # The rest of the ControlNet 1.1 recipe.
+    assert cfg.model.learning_rate == pytest.approx(1e-5) and cfg.model.ucg_rate == 0.5
+    assert cfg.data._target_ == "cn_lightning.data.ShardDataModule"
+    assert OmegaConf.is_missing(cfg.data, "train_shards")
+    assert cfg.callbacks.samples.every_n_steps == 250
+    # Logical batch 256 on one 8-GPU node (4 x 8 x 8), on one GPU (4 x 64) and on two nodes.
+    assert cfg.logical_batch_size == 256
+    for world, nodes, accumulation in ((8, 1, 8), (1, 1, 64), (16, 2, 4)):
+        plan = BatchPlan.resolve(
+            cfg.data.batch_size, world, nodes, logical_batch_size=cfg.logical_batch_size
+        )
+        assert (plan.accumulate_grad_batches, plan.global_batch_size) == (accumulation, 256)
+        assert resolve_accumulation(cfg, world_size=world) == accumulation
+    # docs/scaling.md's 24 GB setting: ZeRO-2 with the optimizer on the CPU, 1 per GPU.
+    small = _compose(
+        f"+experiment={name}", "strategy=deepspeed_stage_2_offload", "data.batch_size=1"
+    )
+    assert small.trainer.strategy.offload_optimizer is True
+    assert small.model.optimizer._target_ == "deepspeed.ops.adam.DeepSpeedCPUAdam"
+    assert resolve_accumulation(small, world_size=8) == 32
+    # A later model= on the command line still wins over the experiment's.
+    assert _compose(f"+experiment={name}", "model=sd15").model.guidance_scale == 9.0
 
 
 def test_single_gpu_and_sd21_variants(monkeypatch):
@@ -175,6 +216,22 @@ def test_tiny_run_of_canny_experiment_with_trainer_cpu(tiny_sd_path, tmp_path):
     assert "| strategy DDPStrategy" in result.stdout
 
 
+@pytest.mark.slow
+def test_tiny_run_of_canny_sdxl_experiment(tmp_path):
+    # The SDXL recipe end to end on the tiny SDXL model: ZeRO-2 needs GPUs, so a machine without
+    # one names a strategy too (docs/scaling.md); bf16 frozen backbone and gradient checkpointing
+    # stay the recipe's.
+    from cn_lightning.models.tiny import write_tiny_backbone
+
+    tiny_sdxl = write_tiny_backbone(tmp_path / "tiny_sdxl", preset="sdxl-test")
+    device = ("trainer=cpu", "strategy=single_gpu")
+    _tiny_experiment_run("canny_sdxl", str(tiny_sdxl), tmp_path, device=device)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["frozen_dtype"] == "bf16" and hparams["gradient_checkpointing"] is True
+    assert "controlnet.add_embedding.linear_1.weight" in ckpt["state_dict"]  # an SDXL branch
+
+
 def test_trainer_cpu_changes_only_the_device(monkeypatch):
     monkeypatch.setenv("SD15_PATH", "/models/sd15")
     gpu = _compose("+experiment=canny")
@@ -210,9 +267,9 @@ def test_help_lists_only_real_experiments():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         assert sorted(loader.get_group_options("experiment")) == sorted(
-            [*EXPERIMENTS, "quickstart"]
+            [*EXPERIMENTS, *SDXL_EXPERIMENTS, "quickstart"]
         )
-        assert loader.get_group_options("recipe") == ["controlnet11"]
+        assert loader.get_group_options("recipe") == ["controlnet11", "controlnet11_sdxl"]
         assert "cpu" in loader.get_group_options("trainer")
 
 

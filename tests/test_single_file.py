@@ -357,7 +357,7 @@ def test_non_sd_files_are_rejected_with_the_path(tmp_path: Path) -> None:
         load_single_file_components(wrong_suffix)
 
     with pytest.raises(BackboneLoadError, match="unknown Stable Diffusion variant"):
-        config_dir("sdxl")
+        config_dir("sd3")
 
 
 def test_sdxl_and_inpainting_are_named(tmp_path: Path) -> None:

@@ -1,14 +1,21 @@
-"""Load Stable Diffusion 1.x / 2.x from one original-format (CompVis/Stability LDM) checkpoint,
-offline.
+"""Load Stable Diffusion 1.x / 2.x / XL from one original-format (CompVis/Stability LDM or
+Stability ``sgm``) checkpoint, offline.
 
 The weights come from the file; the architectures come from config folders shipped in this package
-(``configs/sd15``, ``configs/sd21``, ``configs/sd21-base``, each laid out like a diffusers pipeline
-folder, configs only). diffusers' single-file converters do the key mapping, so nothing here needs
-the Hub.
+(``configs/sd15``, ``configs/sd21``, ``configs/sd21-base``, ``configs/sdxl``, each laid out like a
+diffusers pipeline folder, configs only). diffusers' single-file converters do the key mapping, so
+nothing here needs the Hub.
+
+An SDXL base file holds the UNet under ``model.diffusion_model.``, the VAE under
+``first_stage_model.``, CLIP ViT-L under ``conditioner.embedders.0.transformer.`` (HF layout) and
+OpenCLIP ViT-bigG under ``conditioner.embedders.1.model.`` (OpenCLIP layout, fused qkv, text
+projection); they become ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2``
+(``CLIPTextModelWithProjection``), as in a diffusers SDXL folder.
 
 The CLIP BPE vocabulary (``configs/clip_bpe/vocab.json`` + ``merges.txt``) is shipped once, built
 from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz``; the per-variant ``tokenizer/`` folders
-only hold the tokenizer settings (SD2 pads with ``"!"``, id 0, like the public SD2 tokenizer).
+only hold the tokenizer settings (SD2 and SDXL's ``tokenizer_2`` pad with ``"!"``, id 0, like the
+public SD2 / SDXL tokenizers).
 """
 
 from __future__ import annotations
@@ -26,23 +33,33 @@ from cn_lightning.serialization import read_state_dict
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CLIP_BPE_DIR = CONFIG_ROOT / "clip_bpe"
-VARIANTS = ("sd15", "sd21", "sd21-base")
+VARIANTS = ("sd15", "sd21", "sd21-base", "sdxl")
+# The variants each family's weights can be loaded as.
+VARIANTS_BY_FAMILY = {"sd1": ("sd15",), "sd2": ("sd21", "sd21-base"), "sdxl": ("sdxl",)}
 # SD2 weights cannot tell v-prediction (768) from epsilon (512 "base"): the file must record it,
 # or the user names the variant. Never guessed.
 SD2_VARIANT_BY_PREDICTION = {"v_prediction": "sd21", "epsilon": "sd21-base"}
-# The shipped config whose cross-attention width (the text encoder's) a model has.
-SHIPPED_VARIANT_BY_WIDTH = {768: "sd15", 1024: "sd21"}
+# The shipped config whose cross-attention width (the text encoder's; SDXL: both, 768 + 1280) a
+# model has.
+SHIPPED_VARIANT_BY_WIDTH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
 
 _UNET_PROBE = "model.diffusion_model.input_blocks.0.0.weight"
 _VAE_PROBE = "first_stage_model.encoder.conv_in.weight"
 _CLIP_PROBE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 _OPEN_CLIP_PROBE = "cond_stage_model.model.token_embedding.weight"
+# SDXL (Stability's sgm layout): the two text encoders of the base model; the refiner has only
+# OpenCLIP bigG, as embedder 0.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1."
+_SDXL_CLIP_PROBE = SDXL_CLIP_PREFIX + "transformer.text_model.embeddings.token_embedding.weight"
+_SDXL_OPEN_CLIP_PROBE = SDXL_OPEN_CLIP_PREFIX + "model.token_embedding.weight"
+_SDXL_REFINER_PROBE = "conditioner.embedders.0.model.token_embedding.weight"
 _CROSS_ATTN_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
 
 
 def config_dir(variant: str) -> Path:
     """The shipped diffusers-layout config folder of ``variant`` (``sd15``, ``sd21``,
-    ``sd21-base``)."""
+    ``sd21-base``, ``sdxl``)."""
     if variant not in VARIANTS:
         raise BackboneLoadError(
             f"unknown Stable Diffusion variant {variant!r}; expected one of {', '.join(VARIANTS)}"
@@ -51,14 +68,15 @@ def config_dir(variant: str) -> Path:
 
 
 def variant_for_cross_attention(width: int | None) -> str:
-    """The shipped architecture (``sd15`` or ``sd21``) a UNet or ControlNet with this text-encoder
-    width (768 or 1024) has; anything else asks for the base model (one line,
+    """The shipped architecture (``sd15``, ``sd21`` or ``sdxl``) a UNet or ControlNet with this
+    text-encoder width (768, 1024 or 2048) has; anything else asks for the base model (one line,
     :class:`ConfigError`)."""
     variant = SHIPPED_VARIANT_BY_WIDTH.get(width or 0)
     if variant is None:
         raise ConfigError(
             f"cannot tell the architecture from a cross-attention width of {width} (SD1.x: 768, "
-            "SD2.x: 1024): pass the base model it was trained on (--base, or the pipeline's UNet)"
+            "SD2.x: 1024, SDXL: 2048): pass the base model it was trained on (--base, or the "
+            "pipeline's UNet)"
         )
     return variant
 
@@ -93,8 +111,8 @@ def recorded_prediction_type(records: dict[str, Any]) -> str | None:
 
 
 def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict>") -> str:
-    """Return ``"sd1"`` or ``"sd2"`` from the text encoder layout; raise if this is no SD1/SD2
-    checkpoint."""
+    """Return ``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the text encoder layout; raise if this is no
+    SD1/SD2/SDXL base checkpoint."""
     missing = [
         name for name, key in (("UNet", _UNET_PROBE), ("VAE", _VAE_PROBE)) if key not in state_dict
     ]
@@ -103,29 +121,42 @@ def detect_family(state_dict: dict[str, Tensor], path: str | Path = "<state dict
         raise BackboneLoadError(
             f"{path}: not an original-format Stable Diffusion checkpoint "
             f"(no {' or '.join(missing)} weights, "
-            f"e.g. {probe!r}); expected a full SD1.x/SD2.x .safetensors/.ckpt"
+            f"e.g. {probe!r}); expected a full SD1.x/SD2.x/SDXL .safetensors/.ckpt"
         )
     if _CLIP_PROBE in state_dict:
         return "sd1"
     if _OPEN_CLIP_PROBE in state_dict:
         return "sd2"
+    if _SDXL_CLIP_PROBE in state_dict and _SDXL_OPEN_CLIP_PROBE in state_dict:
+        return "sdxl"
+    if _SDXL_REFINER_PROBE in state_dict:
+        raise BackboneLoadError(
+            f"{path}: looks like the SDXL refiner (one OpenCLIP text encoder, "
+            f"{_SDXL_REFINER_PROBE!r}); ControlNets train on the SDXL base model"
+        )
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise BackboneLoadError(f"{path}: looks like an SDXL checkpoint; expected SD1.x or SD2.x")
+        lacking = _SDXL_OPEN_CLIP_PROBE if _SDXL_CLIP_PROBE in state_dict else _SDXL_CLIP_PROBE
+        raise BackboneLoadError(
+            f"{path}: looks like an SDXL checkpoint but has no {lacking!r}; expected a full SDXL "
+            "base checkpoint (CLIP ViT-L as conditioner.embedders.0, OpenCLIP bigG as "
+            "conditioner.embedders.1)"
+        )
     raise BackboneLoadError(
         f"{path}: no text encoder weights "
-        f"({_CLIP_PROBE!r} for SD1 or {_OPEN_CLIP_PROBE!r} for SD2); "
-        "expected a full SD1.x/SD2.x checkpoint"
+        f"({_CLIP_PROBE!r} for SD1, {_OPEN_CLIP_PROBE!r} for SD2 or "
+        f"{_SDXL_OPEN_CLIP_PROBE!r} for SDXL); expected a full SD1.x/SD2.x/SDXL checkpoint"
     )
 
 
 def _resolve_variant(
     family: str, variant: str | None, path: Path, prediction: str | None = None
 ) -> str:
-    """The shipped config to use: ``variant`` if given, else SD1 -> ``sd15``; SD2 -> by the recorded
-    prediction type (v -> ``sd21``, epsilon -> ``sd21-base``), which the weights cannot tell."""
+    """The shipped config to use: ``variant`` if given, else SD1 -> ``sd15``, SDXL -> ``sdxl``; SD2
+    -> by the recorded prediction type (v -> ``sd21``, epsilon -> ``sd21-base``), which the weights
+    cannot tell."""
     if variant is None:
-        if family == "sd1":
-            return "sd15"
+        if family != "sd2":
+            return VARIANTS_BY_FAMILY[family][0]
         if prediction is None:
             raise BackboneLoadError(
                 f"{path}: SD2.x weights do not say whether this is the 768 px v-prediction "
@@ -135,7 +166,7 @@ def _resolve_variant(
             )
         return SD2_VARIANT_BY_PREDICTION[prediction]
     config_dir(variant)  # validates the name
-    if (family == "sd1") != (variant == "sd15"):
+    if variant not in VARIANTS_BY_FAMILY[family]:
         raise BackboneLoadError(
             f"{path}: holds {family.upper()} weights but variant={variant!r} was requested"
         )
@@ -178,33 +209,51 @@ def _check_weights_complete(
         convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text_config(folder: str) -> CLIPTextConfig:
+        return CLIPTextConfig.from_pretrained(str(configs / folder), local_files_only=True)
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(
             UNet2DConditionModel.load_config(str(configs / "unet"))
         )
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(configs / "vae")))
-        text = CLIPTextModel(
-            CLIPTextConfig.from_pretrained(str(configs / "text_encoder"), local_files_only=True)
+        text = CLIPTextModel(text_config("text_encoder"))
+        text_2 = (
+            CLIPTextModelWithProjection(text_config("text_encoder_2")) if family == "sdxl" else None
         )
     if family == "sd1":
         text_sd = convert_ldm_clip_checkpoint(state_dict)
-    else:
+    elif family == "sd2":
         text_sd = convert_open_clip_checkpoint(text, state_dict)
-    # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); accept both spellings.
-    text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()} | text_sd
-    for component, model, converted in (
+    else:
+        text_sd = convert_ldm_clip_checkpoint(_with_prefix(state_dict, SDXL_CLIP_PREFIX))
+    components = [
         ("UNet", unet, convert_ldm_unet_checkpoint(state_dict, dict(unet.config))),
         ("VAE", vae, convert_ldm_vae_checkpoint(state_dict, dict(vae.config))),
         ("text encoder", text, text_sd),
-    ):
+    ]
+    if text_2 is not None:
+        text_2_sd = convert_open_clip_checkpoint(
+            text_2, state_dict, prefix=SDXL_OPEN_CLIP_PREFIX + "model."
+        )
+        components.append(("second text encoder (OpenCLIP bigG)", text_2, text_2_sd))
+    for component, model, converted in components:
+        # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); accept both.
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()} | converted
         missing = sorted(k for k in model.state_dict() if converted.get(k) is None)
         if missing:
             raise BackboneLoadError(
                 f"{path}: {component} weights incomplete, {len(missing)} tensors missing "
-                f"(e.g. {missing[0]!r}); expected a full SD checkpoint"
+                f"(e.g. {missing[0]!r}); expected a full {family.upper()} checkpoint"
             )
+
+
+def _with_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under ``prefix`` (same tensors): one SDXL text encoder's weights, so that
+    diffusers' converter cannot mistake one encoder for the other when both are the same width."""
+    return {k: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_clip_tokenizer(tokenizer_dir: str | Path) -> Any:
@@ -233,10 +282,12 @@ def load_single_file_components(
     torch_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Build ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``noise_scheduler`` from one SD
-    file.
+    file; for SDXL also ``text_encoder_2`` (OpenCLIP bigG, ``CLIPTextModelWithProjection``) and
+    ``tokenizer_2``.
 
-    ``variant`` is ``"sd15"``, ``"sd21"`` (768 px, v-prediction) or ``"sd21-base"`` (512 px,
-    epsilon). Without it, SD1 weights give ``"sd15"``; SD2 weights need the prediction type recorded
+    ``variant`` is ``"sd15"``, ``"sd21"`` (768 px, v-prediction), ``"sd21-base"`` (512 px,
+    epsilon) or ``"sdxl"``. Without it, SD1 weights give ``"sd15"`` and SDXL base weights
+    ``"sdxl"``; SD2 weights need the prediction type recorded
     in the file (safetensors metadata ``modelspec.prediction_type`` / ``ss_v_parameterization``,
     or a ``prediction_type`` / ``parameterization`` entry of a pickled checkpoint), else this
     raises asking for the variant. A recorded prediction type also sets the scheduler's
@@ -247,16 +298,14 @@ def load_single_file_components(
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     state_dict, records = read_state_dict(path, what="Stable Diffusion", error=BackboneLoadError)
     family = detect_family(state_dict, path)
     prediction = recorded_prediction_type(records) if variant is None else None
     if config_dir_override is not None:
-        _resolve_variant(
-            family, variant or ("sd15" if family == "sd1" else "sd21"), path
-        )  # family check
+        _resolve_variant(family, variant or VARIANTS_BY_FAMILY[family][0], path)  # family check
         configs = Path(config_dir_override)
         chosen = variant or configs.name
     else:
@@ -270,9 +319,28 @@ def load_single_file_components(
         common = {"config": str(configs), "local_files_only": True, "torch_dtype": torch_dtype}
         unet = UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", **common)
         vae = AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common)
-        text_encoder = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, state_dict, subfolder="text_encoder", **common
-        )
+        if family == "sdxl":
+            # Each encoder from its own keys: diffusers tells them apart by width otherwise.
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel,
+                _with_prefix(state_dict, SDXL_CLIP_PREFIX),
+                subfolder="text_encoder",
+                **common,
+            )
+            sdxl_parts = {
+                "text_encoder_2": create_diffusers_clip_model_from_ldm(
+                    CLIPTextModelWithProjection,
+                    _with_prefix(state_dict, SDXL_OPEN_CLIP_PREFIX),
+                    subfolder="text_encoder_2",
+                    **common,
+                ),
+                "tokenizer_2": load_clip_tokenizer(configs / "tokenizer_2"),
+            }
+        else:
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, state_dict, subfolder="text_encoder", **common
+            )
+            sdxl_parts = {}
     except BackboneLoadError:
         raise
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and converter failures
@@ -286,6 +354,7 @@ def load_single_file_components(
         "text_encoder": text_encoder,
         "tokenizer": load_clip_tokenizer(configs / "tokenizer"),
         "noise_scheduler": _scheduler(configs, prediction),
+        **sdxl_parts,
     }
 
 
