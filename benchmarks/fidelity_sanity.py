@@ -10,7 +10,8 @@ condition's registered extractor, and :func:`cn_lightning.metrics.condition_fide
 Model-based extractors run with random weights in their real on-disk format
 (:mod:`cn_lightning.conditions.random_weights`): no download, and the same code path as with the
 published weights, but the maps mean little, so this checks the metric, not the annotator.
-``outline`` (the circles toy) scores a target image against its own outline. ``openpose``: a
+``outline`` (the circles toy) scores a target image against its own outline, ``swatch`` (its
+second condition) against its own colour swatch. ``openpose``: a
 random-weight body network detects no one in a synthetic scene, so the pose metric is checked on
 pose maps drawn from hand-made keypoints (``draw_body_pose``): matching = the same keypoints moved
 by at most 2 px, degenerate = black and another pose.
@@ -46,6 +47,7 @@ CONDITIONS = (
     "openpose",
     "seg",
     "outline",
+    "swatch",
 )
 
 
@@ -146,6 +148,8 @@ def run_case(name: str, size: int, weights_dir: Path) -> Case:
     metric = fidelity_metric_for(name)
     if name == "outline":
         return _outline_case(size)
+    if name == "swatch":
+        return _swatch_case(size)
     from cn_lightning.conditions import extract_batch
     from cn_lightning.metrics.fidelity import resolve_fidelity
 
@@ -192,6 +196,25 @@ def _outline_case(size: int) -> Case:
     images = [np.zeros_like(target), uniform_noise(1, size), other, target]
     scores = condition_fidelity(_tensor(images), _tensor([outline] * 4), "outline")
     return _case("outline", "circle_iou", names, scores)
+
+
+def _swatch_case(size: int) -> Case:
+    """The circles toy's second condition: a target image against its own colour swatch (and
+    another sample whose circle has another colour)."""
+    from cn_lightning.data.synthetic import swatch_sample
+    from cn_lightning.metrics.fidelity import condition_fidelity
+
+    _, swatch, target, _ = swatch_sample(3, size, 0)
+    other = next(
+        t
+        for i in range(4, 64)
+        for _, s, t, _ in [swatch_sample(i, size, 0)]
+        if not np.array_equal(s[0, 0], swatch[0, 0])
+    )
+    names = ["black", "noise", "unrelated", "matching"]
+    images = [np.zeros_like(target), uniform_noise(1, size), other, target]
+    scores = condition_fidelity(_tensor(images), _tensor([swatch] * 4), "swatch")
+    return _case("swatch", "swatch_match", names, scores)
 
 
 def _has_person(pose_map: np.ndarray) -> bool:
@@ -247,6 +270,7 @@ def run_all(size: int, weights_dir: Path, conditions: tuple[str, ...] = CONDITIO
 # ------------------------------------------------------------------------------- table
 LABELS = {
     "circle_iou": "circle IoU",
+    "swatch_match": "circle colour = swatch colour",
     "edge_f1": "edge F1 (chance-corrected)",
     "ssim": "SSIM above a blank map's",
     "depth_rmse": "1 - RMSE / blank map's RMSE",

@@ -1,8 +1,10 @@
 """The ``cn.*`` OmegaConf resolvers the Hydra configs use.
 
-``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE}`` create a random tiny
-backbone and synthetic shards on first use (under a file lock, so every DDP rank can resolve
-them) and return their paths; ``${cn.asset:NAME}`` is a model shipped in ``cn_lightning/assets``.
+``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE[,SEED[,PALETTE]]}`` create a
+random tiny backbone and synthetic shards on first use (under a file lock, so every DDP rank can
+resolve them) and return their paths; ``${cn.swatch_shards:DIR,N,SIZE[,SEED]}`` the circles with
+the toy's second condition, a colour swatch (:mod:`cn_lightning.data.synthetic`);
+``${cn.asset:NAME}`` is a model shipped in ``cn_lightning/assets``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,27 @@ def tiny_backbone(out: str, preset: str = "small", seed: int = 0) -> str:
         return ensure_tiny_backbone(out, preset=preset, seed=int(seed))
 
 
-def circle_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int = 0) -> str:
+def circle_shards(
+    out: str, num_samples: int = 2000, size: int = 64, seed: int = 0, palette: str = "toy"
+) -> str:
     from cn_lightning.data.synthetic import ensure_shards
 
     out = os.path.expanduser(out)
     with _locked(out):
-        return ensure_shards(out, num_samples=int(num_samples), size=int(size), seed=int(seed))
+        return ensure_shards(
+            out, num_samples=int(num_samples), size=int(size), seed=int(seed), palette=str(palette)
+        )
+
+
+def swatch_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int = 0) -> str:
+    """Circle shards with both conditions, ``outline`` and ``swatch`` (the circle's colour)."""
+    from cn_lightning.data.synthetic import ensure_shards
+
+    out = os.path.expanduser(out)
+    with _locked(out):
+        return ensure_shards(
+            out, num_samples=int(num_samples), size=int(size), seed=int(seed), swatch=True
+        )
 
 
 def asset(name: str) -> str:
@@ -51,6 +68,7 @@ def register_resolvers() -> None:
     resolvers = (
         ("cn.tiny_backbone", tiny_backbone),
         ("cn.circle_shards", circle_shards),
+        ("cn.swatch_shards", swatch_shards),
         ("cn.asset", asset),
     )
     for name, fn in resolvers:

@@ -4,6 +4,11 @@ Trains, from scratch, a small text-to-image latent diffusion model on synthetic 
 VAE; stage 2: UNet + text encoder on the frozen VAE) with Lightning on the same shards the
 ControlNet quickstart uses, writes it in diffusers layout to ``out_dir`` and checks on held-out
 prompts that it draws the prompted colours. Deterministic by ``seed``.
+
+``python -m cn_lightning.pretrain_toy --config-name finetune_toy`` fine-tunes the packaged toy
+backbone instead (``init_from``: no VAE stage, the UNet from the backbone's weights) into a toy
+"community model" that draws the colour names in another palette
+(``cn_lightning/assets/toy_sd_community``, ``conf/finetune_toy.yaml``).
 """
 
 from __future__ import annotations
@@ -64,9 +69,12 @@ def held_out_prompts(n: int, seed: int) -> tuple[list[str], list[tuple[str, str]
 
 
 def colour_check(module: ToyDiffusionModule, cfg: DictConfig, out_png: Path) -> dict:
-    """Share of held-out prompts whose drawn background / circle colour is the prompted one."""
-    from cn_lightning.data.synthetic import COLOURS
+    """Share of held-out prompts whose drawn background / circle colour is the prompted one, in
+    the palette the model was trained on (``check.palette``); for another palette, also in the
+    toy's own (``toy_palette_*``: how often it still draws the original colours)."""
+    from cn_lightning.data.synthetic import PALETTES
 
+    palette = cfg.check.get("palette", "toy")
     prompts, pairs = held_out_prompts(cfg.check.num_prompts, cfg.check.seed)
     module.eval()
     images = module.generate(
@@ -77,52 +85,62 @@ def colour_check(module: ToyDiffusionModule, cfg: DictConfig, out_png: Path) -> 
         seed=cfg.check.seed,
     )
     bg, fg = colour_statistics(images)
-    bg_names = nearest_colour_names(bg, COLOURS)
-    fg_names = nearest_colour_names(fg, COLOURS)
     rows = [list(images[i : i + 8]) for i in range(0, len(images), 8)]
     Image.fromarray(make_grid(rows)).save(out_png)
-    return {
-        "background_accuracy": float(
+    out = {}
+    for name in dict.fromkeys([palette, "toy"]):
+        prefix = "" if name == palette else f"{name}_palette_"
+        bg_names = nearest_colour_names(bg, PALETTES[name])
+        fg_names = nearest_colour_names(fg, PALETTES[name])
+        out[prefix + "background_accuracy"] = float(
             np.mean([n == b for n, (_, b) in zip(bg_names, pairs, strict=True)])
-        ),
-        "circle_accuracy": float(
+        )
+        out[prefix + "circle_accuracy"] = float(
             np.mean([n == a for n, (a, _) in zip(fg_names, pairs, strict=True)])
-        ),
-        "grid": str(out_png),
-    }
+        )
+    return {**out, "grid": str(out_png)}
 
 
 def pretrain(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    tokenizer_dir = run_dir / "tokenizer"
-    write_tokenizer(tokenizer_dir)
+    init_from = cfg.get("init_from")
     datamodule = hydra.utils.instantiate(cfg.data)
-
-    vae_module = ToyVAEModule(
-        learning_rate=cfg.vae.learning_rate, kl_weight=cfg.vae.kl_weight, seed=cfg.seed
-    )
-    vae_time = fit_stage(cfg, vae_module, datamodule, "stage1_vae", cfg.vae.steps)
-    vae = vae_module.vae.cpu().eval()
-    probe = next(iter(datamodule.train_dataloader()))["image"]
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, probe))
-    vae.save_pretrained(run_dir / "stage1_vae" / "vae")
+    train_seconds = {}
+    if init_from:
+        # Fine-tuning a toy backbone: its VAE and tokenizer as they are, no VAE stage.
+        tokenizer_dir = Path(init_from) / "tokenizer"
+        vae_dir = Path(init_from) / "vae"
+    else:
+        tokenizer_dir = run_dir / "tokenizer"
+        write_tokenizer(tokenizer_dir)
+        vae_module = ToyVAEModule(
+            learning_rate=cfg.vae.learning_rate, kl_weight=cfg.vae.kl_weight, seed=cfg.seed
+        )
+        train_seconds["vae"] = fit_stage(cfg, vae_module, datamodule, "stage1_vae", cfg.vae.steps)
+        vae = vae_module.vae.cpu().eval()
+        probe = next(iter(datamodule.train_dataloader()))["image"]
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, probe))
+        vae_dir = run_dir / "stage1_vae" / "vae"
+        vae.save_pretrained(vae_dir)
 
     unet_module = ToyDiffusionModule(
-        vae_dir=str(run_dir / "stage1_vae" / "vae"),
+        vae_dir=str(vae_dir),
         tokenizer_dir=str(tokenizer_dir),
         learning_rate=cfg.unet.learning_rate,
         ucg_rate=cfg.unet.ucg_rate,
         seed=cfg.seed,
+        init_from=str(init_from) if init_from else None,
+        train_text_encoder=cfg.unet.get("train_text_encoder", True),
     )
-    unet_time = fit_stage(cfg, unet_module, datamodule, "stage2_unet", cfg.unet.steps)
+    train_seconds["unet"] = fit_stage(cfg, unet_module, datamodule, "stage2_unet", cfg.unet.steps)
     unet_module.cpu()
     check = colour_check(unet_module, cfg, run_dir / "colour_check.png")
     provenance = {
         "command": "python -m cn_lightning.pretrain_toy " + " ".join(sys.argv[1:]),
         "config": OmegaConf.to_container(cfg, resolve=False),
         "seed": cfg.seed,
-        "train_seconds": {"vae": round(vae_time, 1), "unet": round(unet_time, 1)},
+        "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
         "torch_threads": torch.get_num_threads(),
         "colour_check": {k: v for k, v in check.items() if k != "grid"},
     }
@@ -136,6 +154,8 @@ def pretrain(cfg: DictConfig) -> dict:
         provenance,
     )
     summary = {"out_dir": str(out), **provenance["train_seconds"], **check}
+    if init_from:
+        summary["init_from"] = str(init_from)
     log.info(f"toy backbone written to {out}: {json.dumps(summary)}")
     return summary
 

@@ -7,6 +7,12 @@ Centres and radii are random and circles may cross the border. Sample ``i`` depe
 
     python -m data_prep.synthetic_circles --out data/circles --num-samples 50000 --size 512
     python -m data_prep.synthetic_circles --out data/fill50k_like --layout fill50k ...
+    python -m data_prep.synthetic_circles --out data/swatch --swatch ...     # + swatch.png
+    python -m data_prep.synthetic_circles --out data/community --palette community ...
+
+``--swatch`` adds the second condition, ``<key>.swatch.png`` (an image filled with the circle's
+colour; the circle then lies fully inside the image); ``--palette community`` draws the prompts'
+colour names in the toy community model's palette (a permutation of the colours).
 
 The generator itself lives in :mod:`cn_lightning.data.synthetic`.
 """
@@ -16,7 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cn_lightning.data.synthetic import CONDITION, CircleMaker, write_fill50k_layout
+from cn_lightning.data.synthetic import (
+    PALETTES,
+    CircleMaker,
+    condition_types,
+    world_settings,
+    write_fill50k_layout,
+)
 from data_prep.common import (
     add_common_args,
     config_from_args,
@@ -35,6 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="generated image size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--palette",
+        choices=sorted(PALETTES),
+        default="toy",
+        help="which RGB each colour name is drawn in (default toy)",
+    )
+    parser.add_argument(
+        "--swatch",
+        action="store_true",
+        help="also write the swatch condition (<key>.swatch.png: the circle's colour)",
+    )
+    parser.add_argument(
         "--layout",
         choices=("shards", "fill50k"),
         default="shards",
@@ -48,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_samples < 1 or args.size < 8:
         die("--num-samples must be >= 1 and --size >= 8")
     if args.layout == "fill50k":
+        if args.swatch or args.palette != "toy":
+            die("--swatch and --palette write shards: leave out --layout fill50k")
         write_fill50k_layout(args.out, args.num_samples, args.size, args.seed)
         print(f"wrote {args.num_samples} samples in the fill50k layout to {args.out}")
         return
@@ -55,11 +80,18 @@ def main(argv: list[str] | None = None) -> None:
         args,
         "synthetic_circles",
         image_format="png",
-        condition_types=[CONDITION],
-        settings={"seed": args.seed, "size": args.size},
+        condition_types=condition_types(args.swatch),
+        settings=world_settings(args.seed, args.size, args.palette, args.swatch),
     )
     maker = CircleMaker(
-        args.size, args.seed, cfg.resolution, cfg.resize, cfg.image_format, cfg.quality
+        args.size,
+        args.seed,
+        cfg.resolution,
+        cfg.resize,
+        cfg.image_format,
+        cfg.quality,
+        args.palette,
+        args.swatch,
     )
     summary = run_shards(range(args.num_samples), maker, cfg)
     print_summary(summary, cfg)

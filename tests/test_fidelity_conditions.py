@@ -48,6 +48,7 @@ EXPECTED_METRIC = {
     "openpose": "pose_oks",
     "seg": "seg_miou",
     "outline": "circle_iou",
+    "swatch": "swatch_match",
 }
 
 

@@ -7,7 +7,7 @@ a ``batch_size``, and map many images at once with ``.batch(images)``.
 """
 
 # Importing these registers the built-ins.
-from cn_lightning.conditions import classical, depth, edges, pose, seg  # noqa: F401
+from cn_lightning.conditions import classical, colour, depth, edges, pose, seg  # noqa: F401
 from cn_lightning.conditions.base import (
     MissingWeightsError,
     ModelExtractor,
@@ -16,6 +16,7 @@ from cn_lightning.conditions.base import (
     needs_weights,
 )
 from cn_lightning.conditions.classical import canny, outline
+from cn_lightning.conditions.colour import swatch
 from cn_lightning.conditions.registry import (
     ExtractorSpec,
     as_uint8_rgb,
@@ -55,4 +56,5 @@ __all__ = [
     "needs_weights",
     "outline",
     "register_extractor",
+    "swatch",
 ]

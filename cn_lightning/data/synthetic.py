@@ -6,6 +6,16 @@ colour A on background colour B; prompt = "<colour A> circle with <colour B> bac
 Centres and radii are random and circles may cross the border. Sample ``i`` depends only on
 ``(seed, i)``, so the data are identical for any number of workers or parts.
 
+Two variants of the world (both off by default, so existing shards stay valid):
+
+- ``palette="community"`` (:data:`PALETTES`): the prompts' colour names are drawn in other
+  palette colours (a fixed permutation, :func:`community_palette`): the data a toy "community
+  model" is fine-tuned on (``python -m cn_lightning.pretrain_toy --config-name finetune_toy``).
+- ``swatch=True``: a second condition, ``<key>.swatch.png``, an image filled with the circle's
+  colour (:mod:`cn_lightning.conditions.colour`), next to the outline; the circle then lies
+  fully inside the image (radius 15-35% of the size), so its colour can always be read back.
+  A ControlNet trained on it sets the circle's colour; with the outline one, the two compose.
+
 The command line is ``python -m data_prep.synthetic_circles``; the quickstart's ``prepare:``
 config entry calls :func:`ensure_shards`.
 """
@@ -21,62 +31,100 @@ import numpy as np
 from tqdm import tqdm
 
 from cn_lightning.atomic import write_json_atomic, write_text_atomic
+from cn_lightning.conditions.colour import COLOURS, MIN_DISTANCE, swatch_image
 from cn_lightning.data.format import encode_image, read_manifest
 from cn_lightning.data.shard_writer import PrepConfig, RunSummary, SampleMaker, run_shards
 from cn_lightning.data.transforms import apply_resize_policy
 
-# Named colours (CSS names, RGB) as in the fill50k prompts.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0),
-    "green": (0, 128, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "orange": (255, 165, 0),
-    "purple": (128, 0, 128),
-    "pink": (255, 192, 203),
-    "brown": (165, 42, 42),
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
-    "grey": (128, 128, 128),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-    "navy": (0, 0, 128),
-    "teal": (0, 128, 128),
-    "olive": (128, 128, 0),
-    "maroon": (128, 0, 0),
-    "lime": (0, 255, 0),
-    "light coral": (240, 128, 128),
-    "cornflower blue": (100, 149, 237),
-    "dark slate blue": (72, 61, 139),
-    "gold": (255, 215, 0),
-    "salmon": (250, 128, 114),
-    "turquoise": (64, 224, 208),
-    "violet": (238, 130, 238),
-    "beige": (245, 245, 220),
-    "khaki": (240, 230, 140),
-    "lavender": (230, 230, 250),
-    "dark green": (0, 100, 0),
-    "sky blue": (135, 206, 235),
-    "chocolate": (210, 105, 30),
-    "indigo": (75, 0, 130),
-}
 _NAMES = sorted(COLOURS)
 CONDITION = "outline"
+SWATCH = "swatch"
+# The community palette's shift in the sorted colour names (see community_palette).
+COMMUNITY_SHIFT = 5
 
 
-def circle_sample(index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Sample ``index``: (outline uint8 (size,size), target uint8 RGB (size,size,3), prompt)."""
-    rng = np.random.default_rng([seed, index])
-    fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
-    centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
-    radius = int(rng.integers(max(2, size // 20), max(3, int(size * 0.45))))
+def community_palette() -> dict[str, tuple[int, int, int]]:
+    """The toy "community model"'s palette: colour name ``i`` (in sorted order) is drawn in the
+    colour of name ``i + 5`` (mod 32), e.g. "red" in violet, "blue" in dark green. A permutation of
+    the palette, so every colour stays one the toy's VAE was trained on; of the 31 shifts, 5
+    moves every colour farthest (at least 122 RGB units, 239 on average)."""
+    return {
+        name: COLOURS[_NAMES[(i + COMMUNITY_SHIFT) % len(_NAMES)]] for i, name in enumerate(_NAMES)
+    }
+
+
+# Name -> RGB each colour name is drawn in, per palette.
+PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "toy": COLOURS,
+    "community": community_palette(),
+}
+
+
+def _palette(name: str) -> dict[str, tuple[int, int, int]]:
+    if name not in PALETTES:
+        raise ValueError(f"unknown palette {name!r}; known: {', '.join(PALETTES)}")
+    return PALETTES[name]
+
+
+def _draw(
+    size: int,
+    centre: tuple[int, int],
+    radius: int,
+    fg: tuple[int, int, int],
+    bg: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(outline uint8 (size, size), target uint8 RGB (size, size, 3)) of one circle."""
     thickness = max(1, size // 128)
     outline = np.zeros((size, size), np.uint8)
     cv2.circle(outline, centre, radius, 255, thickness, lineType=cv2.LINE_AA)
     target = np.empty((size, size, 3), np.uint8)
-    target[:] = COLOURS[_NAMES[bg]]
-    cv2.circle(target, centre, radius, COLOURS[_NAMES[fg]], -1, lineType=cv2.LINE_AA)
+    target[:] = bg
+    cv2.circle(target, centre, radius, fg, -1, lineType=cv2.LINE_AA)
+    return outline, target
+
+
+def circle_sample(
+    index: int, size: int, seed: int, palette: str = "toy"
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sample ``index``: (outline uint8 (size,size), target uint8 RGB (size,size,3), prompt).
+
+    ``palette`` says which RGB each colour name is drawn in (:data:`PALETTES`); the outline and
+    the prompt do not depend on it."""
+    colours = _palette(palette)
+    rng = np.random.default_rng([seed, index])
+    fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
+    centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+    radius = int(rng.integers(max(2, size // 20), max(3, int(size * 0.45))))
+    outline, target = _draw(size, centre, radius, colours[_NAMES[fg]], colours[_NAMES[bg]])
     return outline, target, circle_prompt(_NAMES[fg], _NAMES[bg])
+
+
+def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return float(np.linalg.norm(np.subtract(a, b, dtype=np.float64)))
+
+
+def swatch_sample(
+    index: int, size: int, seed: int, palette: str = "toy"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Sample ``index`` of the two-condition world: (outline uint8 (size, size), swatch uint8 RGB
+    (size, size, 3) filled with the circle's colour, target uint8 RGB, prompt).
+
+    The circle lies fully inside the image, its radius 15-35% of the size, so its colour can be
+    read back from any sample that draws it, and its colour and the background's are at least
+    :data:`~cn_lightning.conditions.colour.MIN_DISTANCE` apart (gold on orange would read as
+    no circle at all)."""
+    colours = _palette(palette)
+    rng = np.random.default_rng([seed, index, 2])
+    fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
+    while _distance(colours[_NAMES[fg]], colours[_NAMES[bg]]) < MIN_DISTANCE:
+        fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
+    radius = int(rng.integers(max(2, int(size * 0.15)), max(3, int(size * 0.35)) + 1))
+    # Inside with a 2 px margin: no part of the circle (or its anti-aliased rim) on the border.
+    low, high = radius + 2, max(radius + 3, size - radius - 2)
+    centre = (int(rng.integers(low, high)), int(rng.integers(low, high)))
+    fg_rgb = colours[_NAMES[fg]]
+    outline, target = _draw(size, centre, radius, fg_rgb, colours[_NAMES[bg]])
+    return outline, swatch_image(fg_rgb, size, size), target, circle_prompt(_NAMES[fg], _NAMES[bg])
 
 
 def circle_prompt(circle: str, background: str) -> str:
@@ -84,9 +132,27 @@ def circle_prompt(circle: str, background: str) -> str:
     return f"{circle} circle with {background} background"
 
 
+def world_settings(seed: int, size: int, palette: str = "toy", swatch: bool = False) -> dict:
+    """The settings a shard set records (and :func:`ensure_shards` compares): seed and size, plus
+    the palette and the swatch condition when they are not the defaults (so shards written
+    before these options existed stay valid)."""
+    _palette(palette)
+    settings: dict = {"seed": seed, "size": size}
+    if palette != "toy":
+        settings["palette"] = palette
+    if swatch:
+        settings["swatch"] = True
+    return settings
+
+
+def condition_types(swatch: bool = False) -> list[str]:
+    return [CONDITION, SWATCH] if swatch else [CONDITION]
+
+
 @dataclass
 class CircleMaker(SampleMaker):
-    """Item = sample index → sample with ``png`` target, ``outline.png`` condition."""
+    """Item = sample index → sample with ``png`` target, ``outline.png`` condition (and
+    ``swatch.png`` with ``swatch``)."""
 
     size: int
     seed: int
@@ -94,9 +160,17 @@ class CircleMaker(SampleMaker):
     resize: str
     image_format: str
     quality: int
+    palette: str = "toy"
+    swatch: bool = False
 
     def make(self, item: int) -> dict[str, bytes | str]:
-        outline, target, prompt = circle_sample(item, self.size, self.seed)
+        swatch = None
+        if self.swatch:
+            outline, swatch, target, prompt = swatch_sample(
+                item, self.size, self.seed, self.palette
+            )
+        else:
+            outline, target, prompt = circle_sample(item, self.size, self.seed, self.palette)
         outline = apply_resize_policy(outline, self.resolution, self.resize)
         target = apply_resize_policy(target, self.resolution, self.resize)
         # Binarise again after resizing: the condition is a clean 0/255 drawing.
@@ -108,13 +182,22 @@ class CircleMaker(SampleMaker):
             "original_size": [self.size, self.size],
             "condition": CONDITION,
         }
-        return {
+        if self.palette != "toy":
+            meta["palette"] = self.palette
+        sample: dict[str, bytes | str] = {
             "__key__": f"{item:09d}",
             self.image_format: encode_image(target, self.image_format, self.quality),
             f"{CONDITION}.png": encode_image(outline, "png"),
             "txt": prompt,
             "json": json.dumps(meta),
         }
+        if swatch is not None:
+            # A flat colour: resizing keeps it flat (nearest neighbour keeps it exact).
+            h, w = outline.shape[:2]
+            sample[f"{SWATCH}.png"] = encode_image(swatch_image(swatch[0, 0], h, w), "png")
+            meta["conditions"] = [CONDITION, SWATCH]
+            sample["json"] = json.dumps(meta)
+        return sample
 
 
 def build_shards(
@@ -131,8 +214,11 @@ def build_shards(
     part_index: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    palette: str = "toy",
+    swatch: bool = False,
 ) -> tuple[RunSummary, PrepConfig]:
     """Build circle shards in ``out`` (resumable); returns the run summary and config.
+    ``palette`` and ``swatch``: see the module docstring.
 
     Raises :class:`cn_lightning.data.shard_writer.ShardSettingsError` if ``out`` holds shards
     built with other settings (and ``overwrite`` is off)."""
@@ -148,22 +234,28 @@ def build_shards(
         workers=workers,
         num_parts=num_parts,
         part_index=part_index,
-        condition_types=[CONDITION],
-        settings={"seed": seed, "size": size},
+        condition_types=condition_types(swatch),
+        settings=world_settings(seed, size, palette, swatch),
         overwrite=overwrite,
         progress=progress,
     )
-    maker = CircleMaker(size, seed, resolution, resize, image_format, 95)
+    maker = CircleMaker(size, seed, resolution, resize, image_format, 95, palette, swatch)
     return run_shards(range(num_samples), maker, cfg), cfg
 
 
 def ensure_shards(
-    out: str, num_samples: int, size: int, seed: int = 0, samples_per_shard: int = 500
+    out: str,
+    num_samples: int,
+    size: int,
+    seed: int = 0,
+    samples_per_shard: int = 500,
+    palette: str = "toy",
+    swatch: bool = False,
 ) -> str:
     """Build the circle shards in ``out`` unless a complete matching set is there already;
     return their brace pattern. Used by the quickstart's ``prepare:`` config entry."""
     manifest = read_manifest(out)
-    wanted = {"seed": seed, "size": size}
+    wanted = world_settings(seed, size, palette, swatch)
     if not (
         manifest
         and manifest.get("complete")
@@ -180,6 +272,8 @@ def ensure_shards(
             workers=0,
             overwrite=manifest is not None,
             progress=False,
+            palette=palette,
+            swatch=swatch,
         )
         manifest = summary.manifest
     return os.path.join(out, manifest["pattern"])

@@ -10,6 +10,7 @@ extracted map is compared with the input condition by the metric reported for th
 condition              metric           keys (per sample; ``fidelity`` is the [0, 1] score)
 =====================  ===============  ======================================================
 outline (toy circles)  ``circle_iou``   ``circle_iou`` (= fidelity)
+swatch (toy circles)   ``swatch_match`` ``swatch_match`` (= fidelity), ``swatch_distance``
 canny, mlsd, scribble  ``edge_f1``      ``edge_f1`` (= fidelity), ``edge_precision``,
                                         ``edge_recall`` (chance-corrected), ``edge_f1_px``
 hed, softedge,         ``ssim``         ``ssim`` (raw); fidelity = gain over a blank map
@@ -31,6 +32,12 @@ condition with no structure (a flat map). The raw number stays under its own key
   fitted to the outline (least-squares circle through the outline pixels) and compared by IoU
   with the region of the generated image that differs from its background colour (two colour
   clusters; the background is the cluster holding most border pixels).
+- ``swatch_match`` (the toy's second condition, an image filled with the circle's colour): the
+  ``swatch`` extractor reads the circle's colour back from the generated image (the colour
+  statistic of :mod:`cn_lightning.conditions.colour`: the median of the circle's core, or of the
+  whole image when it shows no circle); ``swatch_match`` is 1 when it and the condition's colour
+  have the same nearest toy-palette colour (of 32), else 0; ``swatch_distance`` is their RGB
+  distance over the largest possible one (0 = the same colour, 1 = black against white).
 - ``edge_f1`` (binary line maps): both maps are thresholded at half intensity; a pixel matches
   within ``tolerance`` px (Chebyshev distance; default 1 px per 512 px of the longer side, at
   least 1). Precision and recall are **chance-corrected**: a random map of the same density
@@ -78,6 +85,7 @@ from cn_lightning import log
 from cn_lightning.errors import UnknownNameError, first_line
 
 CIRCLE_KEYS = ("outline",)
+SWATCH_KEYS = ("swatch",)
 EDGE_KEYS = ("canny", "mlsd", "scribble")
 SOFT_EDGE_KEYS = ("hed", "softedge", "lineart", "pidi")
 DEPTH_KEYS = ("depth",)
@@ -88,6 +96,7 @@ SEG_KEYS = ("seg",)
 # The keys each metric returns, the primary score ``fidelity`` first.
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "circle_iou": ("fidelity", "circle_iou"),
+    "swatch_match": ("fidelity", "swatch_match", "swatch_distance"),
     "edge_f1": ("fidelity", "edge_f1", "edge_precision", "edge_recall", "edge_f1_px"),
     "ssim": ("fidelity", "ssim"),
     "depth_rmse": ("fidelity", "depth_rmse"),
@@ -99,6 +108,8 @@ METRICS = tuple(METRIC_KEYS)
 # How each key reads in a report (``python -m cn_lightning.evaluate``).
 KEY_LABELS: dict[str, str] = {
     "circle_iou": "circle IoU",
+    "swatch_match": "circle colour = swatch colour (nearest of the 32 toy colours)",
+    "swatch_distance": "RGB distance of circle and swatch colours, 0-1",
     "edge_f1": "F1, chance-corrected, 1 px tolerance per 512 px",
     "edge_precision": "precision, chance-corrected",
     "edge_recall": "recall, chance-corrected",
@@ -137,6 +148,8 @@ def fidelity_metric_for(condition_key: str) -> str:
     key = condition_key.lower()
     if key in CIRCLE_KEYS:
         return "circle_iou"
+    if key in SWATCH_KEYS:
+        return "swatch_match"
     if key in SEG_KEYS:
         return "seg_miou"
     if key in EDGE_KEYS:
@@ -298,9 +311,38 @@ def score_condition_maps(
     elif metric == "seg_miou":
         miou = seg_miou(_stack_rgb(extracted), _stack_rgb(condition))
         out = {"fidelity": miou.clamp(0, 1), "seg_miou": miou}
+    elif metric == "swatch_match":
+        out = swatch_scores(extracted, condition)
     else:
         raise ValueError(f"unknown fidelity metric {metric!r}; known: {', '.join(METRICS)}")
     return {k: out[k].float() for k in METRIC_KEYS[metric]}
+
+
+# --------------------------------------------------------------------------- swatch match
+def swatch_scores(extracted: Sequence[np.ndarray], condition: Sequence[np.ndarray]) -> dict:
+    """Colour agreement of swatches (uint8 maps, one colour each; the median pixel is taken):
+    ``swatch_match`` (same nearest toy-palette colour: 1, else 0; = ``fidelity``) and
+    ``swatch_distance`` (RGB distance / (255 x sqrt 3)), (B,) each."""
+    from cn_lightning.conditions.colour import COLOURS, nearest_colour_names
+
+    def colour(m: np.ndarray) -> np.ndarray:
+        return np.median(_rgb(np.asarray(m)).reshape(-1, 3).astype(np.float64), axis=0)
+
+    made = np.stack([colour(m) for m in extracted])
+    wanted = np.stack([colour(m) for m in condition])
+    match = [
+        float(a == b)
+        for a, b in zip(
+            nearest_colour_names(made, COLOURS), nearest_colour_names(wanted, COLOURS), strict=True
+        )
+    ]
+    distance = np.linalg.norm(made - wanted, axis=1) / (255 * math.sqrt(3))
+    match_t = torch.tensor(match, dtype=torch.float32)
+    return {
+        "fidelity": match_t,
+        "swatch_match": match_t,
+        "swatch_distance": torch.from_numpy(distance).float(),
+    }
 
 
 # ---------------------------------------------------------------------------- circle IoU
@@ -806,5 +848,6 @@ __all__ = [
     "score_condition_maps",
     "seg_miou",
     "ssim_score",
+    "swatch_scores",
     "try_resolve_fidelity",
 ]

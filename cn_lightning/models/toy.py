@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from cn_lightning.atomic import atomic_directory
+from cn_lightning.conditions.colour import colour_statistics, nearest_colour_names
 from cn_lightning.models.diffusion import (
     FrozenPartsMixin,
     diffusion_target,
@@ -84,6 +84,11 @@ class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
         learning_rate: AdamW learning rate of the UNet and text encoder.
         ucg_rate: share of empty prompts, so classifier-free guidance works.
         seed: seed of the initial weights.
+        init_from: a toy backbone (diffusers layout) to fine-tune instead of training from
+            scratch: its UNet, text encoder and scheduler are the starting point (how the toy
+            "community model" is made).
+        train_text_encoder: also train the text encoder (off: it stays the backbone's, as in
+            most community fine-tunes of SD, which a ControlNet reads too).
     """
 
     def __init__(
@@ -93,13 +98,29 @@ class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
         learning_rate: float = 1e-3,
         ucg_rate: float = 0.1,
         seed: int = 0,
+        init_from: str | None = None,
+        train_text_encoder: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.unet, _, self.text_encoder, self.noise_scheduler = build_tiny_components(
-            TOY_PRESET, seed=seed, vocab_size=len(self.tokenizer)
-        )
+        if init_from:
+            root = Path(init_from)
+            self.unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                root / "text_encoder", local_files_only=True
+            )
+            self.noise_scheduler = DDPMScheduler.from_pretrained(
+                root / "scheduler", local_files_only=True
+            )
+        else:
+            self.unet, _, self.text_encoder, self.noise_scheduler = build_tiny_components(
+                TOY_PRESET, seed=seed, vocab_size=len(self.tokenizer)
+            )
+        # from_pretrained returns models in eval mode: the trained parts train, a frozen text
+        # encoder stays in eval mode.
+        self.unet.train()
+        self.text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
         vae.requires_grad_(False).eval()
         self._frozen = {"vae": vae}
@@ -131,7 +152,9 @@ class ToyDiffusionModule(FrozenPartsMixin, L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = list(self.unet.parameters())
+        if self.hparams.train_text_encoder:
+            params += list(self.text_encoder.parameters())
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=1e-2)
 
     @torch.no_grad()
@@ -213,39 +236,14 @@ def save_toy_backbone(
 
 
 # ------------------------------------------------------------------------- colour statistics
-def colour_statistics(
-    images: torch.Tensor, core: float = 0.7, min_distance: float = 60.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Background and foreground colour of each image, RGB in [0, 255].
-
-    The background is the median of the border pixels; the foreground the median of the circle's
-    core: the pixels whose distance from the background is at least ``core`` x the largest (the
-    VAE blurs the rim into the background). No pixel ``min_distance`` away, or fewer than 4 in the
-    core: no foreground (NaN). Images: (B, 3, H, W) in [0, 1].
-    """
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.float32)
-    backgrounds, foregrounds = [], []
-    for img in arr:
-        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-        bg = np.median(border, axis=0)
-        dist = np.linalg.norm(img - bg, axis=-1)
-        fg_pixels = img[dist >= max(min_distance, core * dist.max())]
-        fg = np.median(fg_pixels, axis=0) if len(fg_pixels) >= 4 else np.full(3, np.nan)
-        backgrounds.append(bg)
-        foregrounds.append(fg)
-    return np.stack(backgrounds), np.stack(foregrounds)
-
-
-def nearest_colour_names(
-    rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]
-) -> list[str | None]:
-    """Name of the nearest palette colour for each RGB row (None for NaN rows)."""
-    names = list(palette)
-    colours = np.array([palette[n] for n in names], dtype=np.float32)
-    out: list[str | None] = []
-    for row in rgb:
-        if np.isnan(row).any():
-            out.append(None)
-        else:
-            out.append(names[int(np.argmin(np.linalg.norm(colours - row, axis=1)))])
-    return out
+# The statistic lives with the toy's palette in the conditions layer (the swatch condition and
+# its fidelity metric use it too); imported here, where the toy's users have always found it.
+__all__ = [
+    "ToyDiffusionModule",
+    "ToyVAEModule",
+    "colour_statistics",
+    "latent_scaling_factor",
+    "nearest_colour_names",
+    "save_toy_backbone",
+    "text_to_image",
+]
