@@ -1,7 +1,7 @@
 """Evaluate a ControlNet over validation shards: condition fidelity, FID and CLIP score.
 
     python -m cn_lightning.evaluate --val-shards 'val/shard-{000000..000003}.tar' \\
-        --condition-key canny --resolution 512 --base SD15 --controlnet CN --out eval/ \\
+        --condition-key canny --base BASE --controlnet CN --out eval/ \\
         [--weights EXTRACTOR_WEIGHTS --extractor-device cuda] \\
         [--fid-weights pt_inception-2015-12-05-6726825d.pth] \\
         [--clip-model ViT-L-14 --clip-weights open_clip_pytorch_model.bin] [--devices 8] [--wandb]
@@ -42,13 +42,21 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder for report.json, report.md (and images/)")
     p.add_argument(
-        "--resolution", type=int, default=512, help="centre-crop size of the samples (default 512)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="centre-crop size of the samples (default: the base model's native size, 512 for "
+        "SD1.5, 1024 for SDXL; 512 with --images)",
     )
-    p.add_argument("--base", help="Stable Diffusion model (diffusers directory or single file)")
+    p.add_argument(
+        "--base", help="Stable Diffusion model: SD1.x/SD2.x/SDXL diffusers directory or single file"
+    )
     p.add_argument("--variant", help="architecture of a single-file base (sd15, sd21, sd21-base)")
     p.add_argument(
         "--controlnet",
-        help="ControlNet: diffusers folder, original-format file, checkpoint or run dir",
+        nargs="+",
+        help="ControlNet: diffusers folder, original-format file, checkpoint or run dir; "
+        "several are summed (composition), each reading its --control-key condition",
     )
     p.add_argument("--images", help="score existing images <DIR>/<key>.png instead of generating")
     p.add_argument("--num-samples", type=int, help="at most this many samples (default: all)")
@@ -60,13 +68,24 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument(
-        "--guidance", dest="guidance_scale", type=float, default=7.5, help="CFG scale (default 7.5)"
+        "--guidance",
+        dest="guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale (default: the base model's pipeline default, 7.5 SD, 5.0 SDXL)",
     )
     p.add_argument(
         "--control-scale",
         type=float,
-        default=1.0,
-        help="ControlNet conditioning scale (default 1.0)",
+        nargs="+",
+        default=[1.0],
+        help="ControlNet conditioning scale: one for all or one per ControlNet (default 1.0)",
+    )
+    p.add_argument(
+        "--control-key",
+        nargs="+",
+        help="the shard condition each ControlNet reads (default: --condition-key, the scored "
+        "one), e.g. --controlnet CN_OUTLINE CN_SWATCH --control-key outline swatch",
     )
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     p.add_argument(

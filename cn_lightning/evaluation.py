@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ from torch import Tensor
 
 from cn_lightning.atomic import write_json_atomic, write_text_atomic
 from cn_lightning.errors import ConfigError
-from cn_lightning.inference import PipelineSource, resolve_device, save_png
+from cn_lightning.inference import (
+    EXTRA_CONDITION,
+    PipelineSource,
+    control_plan,
+    resolve_device,
+    save_png,
+)
 from cn_lightning.loggers import resolve_wandb_mode
 from cn_lightning.metrics import ConditionFidelity
 from cn_lightning.metrics.fidelity import fidelity_rows
@@ -50,17 +56,24 @@ class EvalConfig:
     val_shards: str
     condition_key: str
     out: str
-    resolution: int = 512
+    # None: the base model's native size (512 SD1.5, 1024 SDXL; :func:`resolve_defaults`).
+    resolution: int | None = None
     base: str | None = None
-    controlnet: str | None = None
+    # One ControlNet, or several whose residuals are summed (composition, as generate does).
+    controlnet: str | list[str] | None = None
     images: str | None = None
     variant: str | None = None
     num_samples: int | None = None
     batch_size: int = 4
     num_workers: int = 0
     steps: int = 20
-    guidance_scale: float = 7.5
-    control_scale: float = 1.0
+    # None: the base model's pipeline default (7.5 SD, 5.0 SDXL).
+    guidance_scale: float | None = None
+    # One scale for all ControlNets, or one each.
+    control_scale: float | list[float] = 1.0
+    # The shard condition each ControlNet reads (one for all, or one each); None: condition_key,
+    # the condition that is scored.
+    control_key: str | list[str] | None = None
     negative_prompt: str = ""
     no_prompt: bool = False
     seed: int = 0
@@ -77,6 +90,29 @@ class EvalConfig:
     dtype: str = "auto"
     weights: str | None = None
     extractor_device: str | None = None
+
+    def __post_init__(self) -> None:
+        # One ControlNet given as a list (the command line's nargs) is the single-ControlNet
+        # case: reports and W&B configs keep plain values.
+        for name in ("controlnet", "control_scale", "control_key"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple) and len(value) == 1:
+                setattr(self, name, value[0])
+
+
+# Centre-crop size when scoring existing images (--images) without --resolution.
+IMAGES_RESOLUTION = 512
+
+
+def resolve_defaults(cfg: EvalConfig, source: Any) -> EvalConfig:
+    """``cfg`` with what the backbone decides filled in: the resolution (the base model's native
+    size; :data:`IMAGES_RESOLUTION` for ``--images``) and the guidance scale (the pipeline's
+    default), as the source that generates the images has them."""
+    resolution = cfg.resolution or getattr(source, "native_size", IMAGES_RESOLUTION)
+    guidance = cfg.guidance_scale
+    if guidance is None:
+        guidance = getattr(source, "guidance_scale", None)
+    return replace(cfg, resolution=resolution, guidance_scale=guidance)
 
 
 # ------------------------------------------------------------------------------ metrics and images
@@ -160,7 +196,44 @@ def val_batches(cfg: EvalConfig, rank: int, world_size: int) -> Iterator[dict[st
         seed=cfg.seed,
     )
     dataset = dm.build_val_dataset(rank=rank, world_size=world_size)
-    yield from DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    batches = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    extra = _extra_condition_keys(cfg)
+    if not extra:
+        yield from batches
+        return
+    # ControlNets that read other conditions of the same samples (--control-key): the same
+    # shards read once per condition, in the same order (validation reading is deterministic).
+    others = []
+    for key in extra:
+        other = ShardDataModule(
+            train_shards=cfg.val_shards,
+            val_shards=cfg.val_shards,
+            condition_key=key,
+            resolution=cfg.resolution,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+        )
+        other_set = other.build_val_dataset(rank=rank, world_size=world_size)
+        others.append(iter(DataLoader(other_set, batch_size=None, num_workers=cfg.num_workers)))
+    for batch in batches:
+        for key, stream in zip(extra, others, strict=True):
+            part = next(stream, None)
+            if part is None or list(part["key"]) != list(batch["key"]):
+                raise ConfigError(
+                    f"the validation samples with a {key!r} condition are not those with a "
+                    f"{cfg.condition_key!r} one: every sample needs both (--control-key)"
+                )
+            batch[EXTRA_CONDITION.format(key)] = part["condition"]
+        yield batch
+
+
+def _extra_condition_keys(cfg: EvalConfig) -> list[str]:
+    """The conditions the ControlNets read besides the scored one (``--control-key``)."""
+    if cfg.images or not cfg.controlnet:
+        return []
+    keys = [key for _, _, key in control_plan(cfg)]
+    return [k for k in dict.fromkeys(keys) if k != cfg.condition_key]
 
 
 def check_val_shards(spec: str) -> None:
@@ -186,6 +259,7 @@ def evaluate_split(
     """Score this rank's samples: updates ``metrics`` and returns per-sample records."""
     from tqdm.auto import tqdm
 
+    cfg = resolve_defaults(cfg, source)
     limit = math.ceil(cfg.num_samples / world_size) if cfg.num_samples else None
     fidelity = _active_fidelity(metrics)
     records: list[dict[str, Any]] = []
@@ -351,6 +425,8 @@ def markdown_table(
     """The table as Markdown (condition | metric | value | samples), with what was evaluated
     above it and ``note`` below it."""
     what = cfg.images or cfg.controlnet
+    if isinstance(what, list | tuple):
+        what = "` + `".join(what)
     lines = [
         f"# Evaluation of `{what}`",
         "",
@@ -403,6 +479,7 @@ def run_rank(fabric: Any, cfg: EvalConfig) -> dict[str, Any]:
     _, dtype = resolve_device(str(fabric.device), cfg.dtype)
     metrics = {k: m.to(fabric.device) for k, m in build_metrics(cfg, str(fabric.device)).items()}
     source = FolderSource(cfg.images) if cfg.images else PipelineSource(cfg, fabric.device, dtype)
+    cfg = resolve_defaults(cfg, source)
     records = evaluate_split(
         cfg, source, metrics, fabric.global_rank, fabric.world_size, fabric.is_global_zero
     )
@@ -449,6 +526,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         )
     check_val_shards(cfg.val_shards)
     extractor_options(cfg)  # a --weights the condition cannot use fails here, before any launch
+    if cfg.images is None:
+        control_plan(cfg)  # so do --control-scale / --control-key counts that do not fit
     strategy = "ddp" if cfg.devices > 1 else "auto"
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy)
     return fabric.launch(run_rank, cfg)

@@ -1,4 +1,4 @@
-"""Generate images with one or more ControlNets on any SD1.x-architecture model.
+"""Generate images with one or more ControlNets on an SD1.x, SD2.x or SDXL model.
 
     python -m cn_lightning.generate --base SD_MODEL \\
         --controlnet CN_A [CN_B ...] --image COND_A [COND_B ...] [--scale 1.0 0.5] \\
@@ -25,12 +25,16 @@ from cn_lightning.models.diffusion import SAMPLERS
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m cn_lightning.generate",
-        description="Generate images with one or more ControlNets on any SD1.x-architecture model.",
+        description="Generate images with one or more ControlNets on an SD1.x, SD2.x or SDXL "
+        "model.",
     )
     parser.add_argument(
         "--base",
         required=True,
-        help="Stable Diffusion model: diffusers directory or .safetensors/.ckpt file",
+        help=(
+            "Stable Diffusion model: diffusers directory (SD1.x, SD2.x, SDXL) or "
+            ".safetensors/.ckpt file (SD1.x, SD2.x)"
+        ),
     )
     parser.add_argument(
         "--variant", default=None, help="architecture of a single-file base (sd15, sd21, sd21-base)"
@@ -80,7 +84,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the base model's, 7.5 SD, 5.0 SDXL)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the first image; image i uses seed + i"

@@ -3,13 +3,16 @@
 ``python -m cn_lightning.generate`` and ``python -m cn_lightning.evaluate`` are thin shells over
 this module; the Python API is :func:`generate` with :class:`GenerationSettings`.
 
-The base model is a diffusers directory or a single ``.safetensors``/``.ckpt`` file (a ControlNet
-trained on SD1.5 drives community fine-tunes of it unchanged). Each ControlNet is a diffusers
-folder, an original-format file, a training checkpoint or a run directory
-(:func:`cn_lightning.models.checkpoints.load_any_controlnet`); several are composed by summing their
-scaled residuals (diffusers' ``MultiControlNetModel``). The sampling loop is diffusers'
-``StableDiffusionControlNetPipeline``; this module assembles it, prepares the conditions, and
-writes PNGs with the settings in their metadata.
+The base model is a diffusers directory (SD1.x, SD2.x or SDXL) or a single
+``.safetensors``/``.ckpt`` file (SD1.x / SD2.x; a ControlNet trained on SD1.5 drives community
+fine-tunes of it unchanged). Each ControlNet is a diffusers folder, an original-format file, a
+training checkpoint or a run directory
+(:func:`cn_lightning.models.checkpoints.load_any_controlnet`); several are composed by summing
+their scaled residuals (diffusers' ``MultiControlNetModel``). The sampling loop is diffusers'
+``StableDiffusionControlNetPipeline``, or for an SDXL base ``StableDiffusionXLControlNetPipeline``;
+this module assembles it, prepares the conditions, and writes PNGs with the settings in their
+metadata. What the backbone decides by default (the guidance scale, the native size) follows it:
+:func:`default_guidance`, :func:`native_size`.
 
 A ControlNet trained with ``sd_locked: false`` comes with its fine-tuned UNet decoder (in its
 checkpoint / run directory, or as the ``unet/`` of an export); the pipeline then runs that UNet
@@ -28,7 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -50,13 +58,19 @@ from cn_lightning.models.diffusion import make_sampler
 # nearest neighbour so no in-between value or colour outside a palette appears.
 MAX_DISCRETE_COLOURS = 256
 SIZE_MULTIPLE = 8
-# What a ControlNet shares with the UNet it drives: its residuals must fit that UNet's skips.
+# What a ControlNet shares with the UNet it drives: its residuals must fit that UNet's skips,
+# and an SDXL one reads the same pooled-text + time-ids embedding as the SDXL UNet.
 CONTROLNET_FIT_KEYS = (
     "block_out_channels",
     "cross_attention_dim",
     "layers_per_block",
     "in_channels",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
 )
+# The pipelines' own default guidance scales (their ``__call__`` defaults): SD's 7.5, SDXL's 5.
+SD_GUIDANCE = 7.5
+SDXL_GUIDANCE = 5.0
 
 
 @dataclass
@@ -81,7 +95,8 @@ class GenerationSettings:
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 20
-    guidance_scale: float = 7.5
+    # None: the base model's pipeline default (:func:`default_guidance`: 7.5 SD, 5.0 SDXL).
+    guidance_scale: float | None = None
     seed: int = 0
     width: int | None = None
     height: int | None = None
@@ -225,19 +240,59 @@ def check_fits(
         raise ConfigError(f"ControlNet {name!r} does not fit the base model: {problem}")
 
 
+def default_guidance(backbone: Backbone) -> float:
+    """The classifier-free guidance scale diffusers' pipeline for ``backbone`` uses by default:
+    7.5 for SD1.x / SD2.x, 5.0 for SDXL."""
+    return SDXL_GUIDANCE if backbone.is_sdxl else SD_GUIDANCE
+
+
+def native_size(backbone: Backbone) -> int:
+    """The base model's own image size in pixels, as diffusers' pipelines take it: the UNet's
+    ``sample_size`` (latent cells) x the VAE factor (512 SD1.5, 768 SD2.1-v, 1024 SDXL, 32 for
+    the toy and tiny models)."""
+    return backbone.unet.config.sample_size * backbone.vae_scale_factor
+
+
+def force_zeros_for_empty_prompt(base: str | os.PathLike) -> bool:
+    """An SDXL model's ``force_zeros_for_empty_prompt`` (its ``model_index.json``; diffusers'
+    default, True, when the file does not say): with it, an empty negative prompt is a zero
+    embedding rather than the encoded "", as ``StableDiffusionXLPipeline.from_pretrained`` does."""
+    index = Path(os.path.expanduser(str(base))) / "model_index.json"
+    try:
+        value = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return bool(value)
+
+
 def build_pipeline(
-    backbone: Backbone, controlnets: Sequence[ControlNetModel], sampler: str = "ddim"
-) -> StableDiffusionControlNetPipeline:
-    """diffusers' ControlNet pipeline from local components; several ControlNets are summed."""
-    if backbone.is_sdxl:
-        raise ConfigError(
-            "generate and evaluate do not drive SDXL ControlNets yet: use diffusers' "
-            "StableDiffusionXLControlNetPipeline with the exported folder (docs/inference.md)"
-        )
+    backbone: Backbone,
+    controlnets: Sequence[ControlNetModel],
+    sampler: str = "ddim",
+    force_zeros_for_empty_prompt: bool = True,
+) -> StableDiffusionControlNetPipeline | StableDiffusionXLControlNetPipeline:
+    """diffusers' ControlNet pipeline from local components; several ControlNets are summed.
+
+    SDXL backbones get ``StableDiffusionXLControlNetPipeline`` with both text encoders,
+    ``force_zeros_for_empty_prompt`` (see :func:`force_zeros_for_empty_prompt`) and no invisible
+    watermark (it would change the pixels that evaluate scores)."""
     scheduler = make_sampler(sampler, backbone.noise_scheduler.config)
     controlnet = (
         controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
     )
+    if backbone.is_sdxl:
+        return StableDiffusionXLControlNetPipeline(
+            vae=backbone.vae,
+            text_encoder=backbone.text_encoder,
+            text_encoder_2=backbone.text_encoder_2,
+            tokenizer=backbone.tokenizer,
+            tokenizer_2=backbone.tokenizer_2,
+            unet=backbone.unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
     pipe = StableDiffusionControlNetPipeline(
         vae=backbone.vae,
         text_encoder=backbone.text_encoder,
@@ -275,23 +330,26 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
     device, dtype = resolve_device(settings.device, settings.dtype)
     backbone = load_backbone(settings.base, dtype, variant=settings.variant)
     photos = [load_image(c.image) for c in settings.controls]
-    native = backbone.unet.config.sample_size * backbone.vae_scale_factor
-    width, height = default_size(photos[0], native)
+    width, height = default_size(photos[0], native_size(backbone))
     width, height = _round(settings.width or width), _round(settings.height or height)
     settings.width, settings.height = width, height
+    if settings.guidance_scale is None:
+        settings.guidance_scale = default_guidance(backbone)
     conditions = [
         prepare_condition(p, width, height, c.extractor, c.extractor_weights, str(device))
         for p, c in zip(photos, settings.controls, strict=True)
     ]
     controlnets = load_controlnets([c.controlnet for c in settings.controls], backbone, dtype)
-    pipe = build_pipeline(backbone, controlnets, settings.sampler).to(device)
+    pipe = build_pipeline(
+        backbone, controlnets, settings.sampler, force_zeros_for_empty_prompt(settings.base)
+    ).to(device)
     multi = len(controlnets) > 1
     generators = [
         torch.Generator().manual_seed(settings.seed + i) for i in range(settings.batch_size)
     ]
     images = pipe(
         prompt=[settings.prompt] * settings.batch_size,
-        negative_prompt=[settings.negative_prompt] * settings.batch_size,
+        negative_prompt=negative_prompts(settings.negative_prompt, settings.batch_size),
         image=conditions if multi else conditions[0],
         height=height,
         width=width,
@@ -304,6 +362,13 @@ def generate(settings: GenerationSettings) -> tuple[list[Image.Image], list[Imag
         generator=generators,
     ).images
     return images, conditions
+
+
+def negative_prompts(negative_prompt: str, n: int) -> list[str] | None:
+    """The pipeline's ``negative_prompt`` for ``n`` images: ``None`` for an empty one, so each
+    pipeline does what it does without one (SD encodes "", SDXL a zero embedding where the model
+    says ``force_zeros_for_empty_prompt``, as diffusers' pipelines do by default)."""
+    return [negative_prompt] * n if negative_prompt else None
 
 
 def png_metadata(settings: GenerationSettings, index: int) -> PngInfo:
@@ -358,12 +423,54 @@ def sample_seed(seed: int, key: str) -> int:
     return (seed + zlib.crc32(key.encode("utf-8"))) % (2**63)
 
 
+# Where a validation batch holds the condition of a ControlNet that reads another shard member
+# than the scored one (evaluate --control-key): batch["condition.<key>"].
+EXTRA_CONDITION = "condition.{}"
+
+
+def control_plan(cfg: Any) -> list[tuple[str, float, str]]:
+    """``(ControlNet, scale, condition key)`` for each ControlNet of an evaluation config
+    (:class:`cn_lightning.evaluation.EvalConfig`): ``controlnet`` is one path or several (their
+    residuals are summed, as ``generate`` composes them), ``control_scale`` one value or one
+    each, ``control_key`` the shard condition each reads (default: ``condition_key``, the scored
+    one)."""
+    paths = [cfg.controlnet] if isinstance(cfg.controlnet, str) else list(cfg.controlnet or [])
+    n = len(paths)
+    scales = cfg.control_scale
+    scales = [float(scales)] * n if isinstance(scales, int | float) else [float(x) for x in scales]
+    if len(scales) == 1:
+        scales = scales * n
+    keys = getattr(cfg, "control_key", None) or cfg.condition_key
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if len(keys) == 1:
+        keys = keys * n
+    if len(scales) != n or len(keys) != n:
+        raise ConfigError(
+            f"--control-scale and --control-key take one value or one per --controlnet ({n}); "
+            f"got {len(scales)} and {len(keys)}"
+        )
+    return list(zip(paths, scales, keys, strict=True))
+
+
+def batch_condition(batch: dict[str, Any], key: str, scored_key: str) -> Tensor:
+    """The (B, 3, H, W) condition ``key`` of a validation batch: ``batch["condition"]`` for the
+    scored condition, ``batch["condition.<key>"]`` for another one."""
+    if key == scored_key:
+        return batch["condition"]
+    name = EXTRA_CONDITION.format(key)
+    if name not in batch:
+        raise ConfigError(f"the validation batch has no {key!r} condition (--control-key)")
+    return batch[name]
+
+
 class PipelineSource:
     """Generates each validation batch's images with the ControlNet pipeline.
 
     ``cfg`` is an :class:`cn_lightning.evaluation.EvalConfig` (base, controlnet, sampler, steps,
     guidance, scales, seed). A batch holds ``condition`` (B, 3, H, W) in [0, 1], ``prompt`` and
     ``key`` lists; the result is (B, 3, H, W) float in [0, 1], seeded per sample by its key.
+    ``guidance_scale`` (the config's, else the base model's default) and ``native_size`` (the
+    base model's image size) say what the backbone decided.
     """
 
     def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
@@ -374,27 +481,39 @@ class PipelineSource:
             )
         backbone = load_backbone(cfg.base, dtype, variant=cfg.variant)
         # A ControlNet trained with sd_locked=false brings its fine-tuned UNet
-        # (it replaces backbone.unet).
-        controlnets = load_controlnets([cfg.controlnet], backbone, dtype)
-        self.pipe = build_pipeline(backbone, controlnets, cfg.sampler).to(device)
+        # (it replaces backbone.unet). Several ControlNets are summed (composition).
+        self.plan = control_plan(cfg)
+        controlnets = load_controlnets([c for c, _, _ in self.plan], backbone, dtype)
+        self.pipe = build_pipeline(
+            backbone, controlnets, cfg.sampler, force_zeros_for_empty_prompt(cfg.base)
+        ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.cfg, self.device = cfg, device
+        self.native_size = native_size(backbone)
+        self.guidance_scale = (
+            default_guidance(backbone) if cfg.guidance_scale is None else cfg.guidance_scale
+        )
 
     def __call__(self, batch: dict[str, Any]) -> Tensor:
         cfg = self.cfg
         prompts = ["" if cfg.no_prompt else p for p in batch["prompt"]]
-        condition = batch["condition"].to(self.device, self.pipe.unet.dtype)
-        h, w = condition.shape[-2:]
+        conditions = [
+            batch_condition(batch, key, cfg.condition_key).to(self.device, self.pipe.unet.dtype)
+            for _, _, key in self.plan
+        ]
+        scales = [s for _, s, _ in self.plan]
+        multi = len(conditions) > 1
+        h, w = conditions[0].shape[-2:]
         generators = [torch.Generator().manual_seed(sample_seed(cfg.seed, k)) for k in batch["key"]]
         return self.pipe(
             prompt=prompts,
-            negative_prompt=[cfg.negative_prompt] * len(prompts),
-            image=condition,
+            negative_prompt=negative_prompts(cfg.negative_prompt, len(prompts)),
+            image=conditions if multi else conditions[0],
             height=h,
             width=w,
             num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            controlnet_conditioning_scale=cfg.control_scale,
+            guidance_scale=self.guidance_scale,
+            controlnet_conditioning_scale=scales if multi else scales[0],
             guess_mode=cfg.no_prompt,
             generator=generators,
             output_type="pt",

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
-from cn_lightning.strategies import AtomicDeepSpeedStrategy
+from cn_lightning.strategies import AtomicDeepSpeedStrategy, TrainableFSDPStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -213,3 +213,98 @@ class DtypeRecorder(L.Callback):
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"dtypes_rank{trainer.global_rank}.json").write_text(json.dumps(dtypes))
+
+
+class CPUFSDPStrategy(TrainableFSDPStrategy):
+    """The project's FSDP strategy on CPU processes (gloo): tests only. PyTorch's FSDP runs
+    there when given the CPU as its device; Lightning gives it no ``device_id`` on a CPU (and the
+    project's strategy refuses the CPU), so both are skipped here."""
+
+    def check_device(self) -> None:
+        pass
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        # As FSDPStrategy._setup_model for a model not wrapped yet, with device_id=cpu.
+        from lightning.pytorch.strategies.fsdp import (
+            _move_torchmetrics_to_device,
+            _setup_activation_checkpointing,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        _move_torchmetrics_to_device(model, self.root_device)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
+
+    def optimizer_state(self, optimizer) -> dict:
+        # PyTorch's FSDP gathers each optimizer state of a block into one reused buffer and
+        # "offloads" it with .cpu(), which copies on a GPU but is a no-op on a CPU: every state
+        # would come back as the last one gathered (exp_avg as exp_avg_sq). Gather without the
+        # offload here (FSDP then copies), otherwise as FSDPStrategy.optimizer_state does.
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            FullyShardedDataParallel,
+            OptimStateKeyType,
+            StateDictType,
+        )
+
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with FullyShardedDataParallel.state_dict_type(
+            module=self.model,
+            state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        ):
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FullyShardedDataParallel.rekey_optim_state_dict(
+                    state, OptimStateKeyType.PARAM_ID, self.model
+                )
+        return state
+
+
+def cpu_fsdp_strategy(**kwargs) -> CPUFSDPStrategy:
+    """``cn_lightning.strategies.fsdp_strategy`` (the blocks it wraps, the options of
+    ``conf/strategy/fsdp.yaml``) as a :class:`CPUFSDPStrategy`: tests only."""
+    from cn_lightning.strategies import fsdp_wrap_classes
+
+    kwargs.setdefault("auto_wrap_policy", fsdp_wrap_classes())
+    return CPUFSDPStrategy(**kwargs)
+
+
+class AddedCondRecorder(L.Callback):
+    """Writes ``<out_dir>/added_cond_rank<R>.json`` at the end of training: the dtypes of what
+    reached the ControlNet's first forward (latents, text embeddings and SDXL's pooled
+    ``text_embeds`` and ``time_ids``)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.seen: dict[str, str] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def record(module, args, kwargs) -> None:
+            if self.seen:
+                return
+            added = kwargs.get("added_cond_kwargs") or {}
+            inputs = {"sample": args[0], "encoder_hidden_states": kwargs["encoder_hidden_states"]}
+            inputs.update(added)
+            self.seen = {k: str(v.dtype) for k, v in inputs.items()}
+
+        pl_module.controlnet.register_forward_pre_hook(record, with_kwargs=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"added_cond_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.seen))

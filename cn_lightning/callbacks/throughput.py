@@ -251,18 +251,25 @@ def count_flops_per_sample(trainer: L.Trainer, pl_module, batch: dict[str, Any])
         condition = one["condition"].float()
         # SDXL's pooled prompt and size/crop ids (None for SD 1.x/2.x).
         added = pl_module.added_cond_kwargs(pooled, tuple(condition.shape[-2:]), one)
-        with FlopCounterMode(display=False) as counter:
-            pl_module.controlnet(
-                latents,
-                timesteps,
-                encoder_hidden_states=text,
-                controlnet_cond=condition,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )
-        control = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            pl_module(latents, timesteps, text, condition, added_cond_kwargs=added)
+        # One controlled forward, through the FSDP root under FSDP (forward_entry); the branch's
+        # share is read from the running count as the ControlNet enters and leaves.
+        forward = pl_module.forward_entry() if hasattr(pl_module, "forward_entry") else pl_module
+        marks: list[int] = []
+        hooks = [
+            pl_module.controlnet.register_forward_pre_hook(
+                lambda *_: marks.append(counter.get_total_flops())
+            ),
+            pl_module.controlnet.register_forward_hook(
+                lambda *_: marks.append(counter.get_total_flops())
+            ),
+        ]
+        try:
+            with FlopCounterMode(display=False) as counter:
+                forward(latents, timesteps, text, condition, added)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        control = marks[1] - marks[0]
         unet = counter.get_total_flops() - control
     return float(encoders + 3 * control + 2 * unet)
 
