@@ -107,8 +107,8 @@ def add_common_args(
         choices=RESIZE_MODES,
         default="center_crop",
         help="center_crop: shorter side to --resolution then centre crop to a "
-        "square; shorter_side: keep aspect (crop at training time); "
-        "none: keep original size (default: %(default)s)",
+        "square; shorter_side: keep aspect (crop at training time; what aspect-ratio "
+        "buckets, data.buckets, need); none: keep original size (default: %(default)s)",
     )
     parser.add_argument(
         "--image-format",

@@ -42,6 +42,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     problem_counts: Counter = field(default_factory=Counter)
     latents: int = 0
+    sizes: Counter = field(default_factory=Counter)  # (height, width) of the good images
     examples: list[tuple[np.ndarray, list[np.ndarray], str]] = field(default_factory=list)
 
     def add_problem(self, reason: str, where: str) -> None:
@@ -104,6 +105,7 @@ def check_sample(sample: dict, wanted: str | None, report: Report, keep: bool) -
             report.add_problem(f"bad latent ({err})", where)
             return
     report.good += 1
+    report.sizes[image.shape[:2]] += 1
     if keep:
         report.examples.append((image, conds, sample["txt"].decode("utf-8", "replace")))
 
@@ -125,8 +127,24 @@ def inspect_shards(
     return report
 
 
+def describe_sizes(sizes: Counter) -> str:
+    """One line on the good images' sizes: how many distinct, and the aspect ratios (width /
+    height) found, which decide the aspect-ratio buckets they train in (data.buckets)."""
+    if not sizes:
+        return "image sizes: none"
+    ratios = Counter()
+    for (h, w), n in sizes.items():
+        ratios[round(w / h, 2)] += n
+    common = ", ".join(f"{r:g} x{n}" for r, n in ratios.most_common(5))
+    return (
+        f"image sizes: {len(sizes)} distinct; aspect ratios (w/h) {min(ratios):g} to "
+        f"{max(ratios):g}, most common: {common}"
+    )
+
+
 def contact_sheet(examples, cell: int = 192) -> Image.Image:
-    """One row per example: target | conditions..., prompt underneath."""
+    """One row per example: target | conditions..., prompt underneath (each image fitted into
+    its cell, aspect ratio kept)."""
     cols = 1 + max(len(c) for _, c, _ in examples)
     text_h = 28
     sheet = Image.new("RGB", (cols * cell, len(examples) * (cell + text_h)), "white")
@@ -134,7 +152,10 @@ def contact_sheet(examples, cell: int = 192) -> Image.Image:
     for row, (image, conds, prompt) in enumerate(examples):
         y = row * (cell + text_h)
         for col, arr in enumerate([image, *conds]):
-            sheet.paste(Image.fromarray(arr).resize((cell, cell)), (col * cell, y))
+            h, w = arr.shape[:2]
+            fit = (max(1, round(w * cell / max(h, w))), max(1, round(h * cell / max(h, w))))
+            x0, y0 = col * cell + (cell - fit[0]) // 2, y + (cell - fit[1]) // 2
+            sheet.paste(Image.fromarray(arr).resize(fit), (x0, y0))
         draw.text((4, y + cell + 4), prompt[: cols * cell // 6], fill="black")
     return sheet
 
@@ -159,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         f"problems: {sum(report.problem_counts.values())}"
     )
     print(f"conditions: {dict(report.conditions)}  cached latents: {report.latents}")
+    print(describe_sizes(report.sizes))
     counts = list(report.per_shard.values())
     if counts:
         print(

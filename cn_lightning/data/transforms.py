@@ -30,14 +30,35 @@ def resize_shorter_side(image: np.ndarray, size: int, discrete: bool = False) ->
     return cv2.resize(image, (new_w, new_h), interpolation=interp)
 
 
-def crop_box(h: int, w: int, size: int, mode: str, rng: random.Random | None) -> tuple[int, int]:
-    """Top-left (y, x) of a size x size crop: centred, or uniform at random (``mode="random"``)."""
+def resize_to_cover(
+    image: np.ndarray, height: int, width: int, discrete: bool = False
+) -> np.ndarray:
+    """Resize (aspect kept) to the smallest size that covers ``height`` x ``width``; filters as
+    in :func:`resize_shorter_side`."""
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) == (h, w):
+        return image
+    if discrete:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interp)
+
+
+def crop_box(
+    h: int, w: int, size: int | tuple[int, int], mode: str, rng: random.Random | None
+) -> tuple[int, int]:
+    """Top-left (y, x) of a crop of ``size`` (a side, or (height, width)): centred, or uniform
+    at random (``mode="random"``)."""
+    ch, cw = (size, size) if isinstance(size, int) else size
     if mode == "center":
-        return (h - size) // 2, (w - size) // 2
+        return (h - ch) // 2, (w - cw) // 2
     if mode == "random":
         if rng is None:
             raise ValueError("random crop needs an rng")
-        return rng.randint(0, h - size), rng.randint(0, w - size)
+        return rng.randint(0, h - ch), rng.randint(0, w - cw)
     raise ValueError(f"crop must be 'center' or 'random', got {mode!r}")
 
 
