@@ -1,10 +1,17 @@
 """``ShardDataModule``: WebDataset shards → batches for the ControlNet LightningModule.
 
 Batch contract (dict):
-    image      float32 (B,3,H,W) in [-1, 1]
+    image      float32 (B,3,H,W) in [-1, 1]; (H, W) = (resolution, resolution), or with
+               ``buckets`` one bucket's size (every sample of a batch has the same)
     condition  float32 (B,3,H,W) in [0, 1]  (single-channel conditions repeated to 3)
     prompt     list[str];  key  list[str]
+    original_size  int64 (B,2): (height, width) of the source image (the ``.json``'s
+               ``original_size``, else the stored image's)
+    crop_top_left  int64 (B,2): (top, left) of the crop in the image resized to cover (H, W),
+               after the flip; with ``target_size`` (int64 (B,2), = (H, W)) SDXL's add_time_ids
     latent     float32 (B,C,h,w), cached VAE posterior mean, unscaled (use_cached_latents only)
+    text_embeds         float32 (B,T,D), cached text-encoder hidden states (use_cached_text)
+    pooled_text_embeds  float32 (B,P), SDXL's cached pooled embedding (use_cached_text, SDXL)
     n_skipped  int64 scalar: corrupt samples skipped by this worker since its previous batch
 """
 
@@ -18,7 +25,17 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from cn_lightning import log
-from cn_lightning.data.format import check_shards, expand_shard_urls, manifest_num_samples
+from cn_lightning.data.buckets import parse_buckets
+from cn_lightning.data.format import (
+    TEXT_CACHE_NAME,
+    TextCache,
+    check_shards,
+    expand_shard_urls,
+    is_remote_url,
+    manifest_num_samples,
+    read_manifest,
+    read_text_cache,
+)
 from cn_lightning.data.stream import (
     ShardStream,
     StreamConfig,
@@ -58,6 +75,11 @@ def _check_shard_count(num_shards: int, world_size: int, num_workers: int) -> No
         if isinstance(err, DataError):
             raise
         raise ShardCountError(str(err)) from None
+
+
+def _local_folder(urls: list[str]) -> str | None:
+    """The folder of the first shard, None for remote shards (no manifest to read)."""
+    return None if not urls or is_remote_url(urls[0]) else os.path.dirname(urls[0]) or "."
 
 
 class EpochDataLoader(DataLoader):
@@ -105,7 +127,23 @@ class ShardDataModule(L.LightningDataModule):
             :func:`auto_num_workers`: 0 on a CPU with up to 4 cores per rank, CPUs per rank
             minus one (1 to 8) on a GPU).
         crop / random_flip: training augmentation, the same for image and condition.
+        buckets: aspect-ratio buckets for training: null (default: square ``resolution`` crops),
+            ``auto`` (sizes of about ``resolution``² pixels, see
+            :func:`~cn_lightning.data.buckets.make_buckets`) or a list of ``[height, width]``
+            pairs. Each sample goes to the bucket nearest its aspect ratio and every batch holds
+            one bucket only; validation stays square (see docs/data.md).
+        bucket_divisor: sides of ``auto`` buckets (and of listed ones) are multiples of this
+            (64: SD/SDXL latents / 8, halved three times by the UNet).
+        bucket_max_aspect: ``auto`` buckets span aspect ratios 1/this to this.
         use_cached_latents: read ``<key>.latent.npy`` into ``batch["latent"]``.
+        use_cached_text: read the cached text-encoder outputs (``<key>.text.npy``, SDXL's
+            ``<key>.pooled.npy``) into ``batch["text_embeds"]`` / ``["pooled_text_embeds"]``;
+            the empty prompt's come from the cache's ``text_cache.safetensors``
+            (:meth:`text_caches`). ``auto`` (default): when the shards' manifest records a text
+            cache (per split, from the folder of its first shard); ``true``: required;
+            ``false``: never (the prompts are encoded at every step).
+        text_cache_file: the text cache file when it is not beside the shards' manifest (remote
+            shards): then ``auto`` means on.
         seed: with rank, worker, epoch and position, seeds every random choice.
         holdout_shards: when ``val_shards`` is null, hold out the last N shards of
             ``train_shards`` (in their listed order): never trained on, whatever the seed, ranks
@@ -128,9 +166,14 @@ class ShardDataModule(L.LightningDataModule):
         random_flip: bool = False,
         crop: str = "center",
         use_cached_latents: bool = False,
+        use_cached_text: bool | str = "auto",
+        text_cache_file: str | None = None,
         seed: int = 0,
         val_batch_size: int | None = None,
         holdout_shards: int = 0,
+        buckets: str | list[list[int]] | None = None,
+        bucket_divisor: int = 64,
+        bucket_max_aspect: float = 2.5,
     ):
         super().__init__()
         if not isinstance(holdout_shards, int) or holdout_shards < 0:
@@ -148,6 +191,11 @@ class ShardDataModule(L.LightningDataModule):
                 f"batch_size must be >= 1 and resolution >= 8, got batch_size="
                 f"{batch_size}, resolution={resolution}"
             )
+        if not isinstance(bucket_divisor, int) or bucket_divisor < 1:
+            raise DataError(f"bucket_divisor must be an integer >= 1, got {bucket_divisor!r}")
+        if not isinstance(bucket_max_aspect, int | float) or bucket_max_aspect < 1:
+            raise DataError(f"bucket_max_aspect must be a number >= 1, got {bucket_max_aspect!r}")
+        self.buckets = parse_buckets(buckets, resolution, bucket_divisor, bucket_max_aspect)
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.condition_key = condition_key
@@ -163,6 +211,11 @@ class ShardDataModule(L.LightningDataModule):
         self.random_flip = random_flip
         self.crop = crop
         self.use_cached_latents = use_cached_latents
+        if use_cached_text not in (True, False, "auto"):
+            raise DataError(f"use_cached_text must be auto, true or false, got {use_cached_text!r}")
+        self.use_cached_text = use_cached_text
+        self.text_cache_file = text_cache_file
+        self._text_cache: dict[str, TextCache | None] = {}
         self.seed = seed
         # Only without validation shards: with them, holding out training data buys nothing.
         self.holdout_shards = holdout_shards if val_shards is None else 0
@@ -195,18 +248,24 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         epoch, done = self.resume_position() if trainer is not None else (0, 0)
         _, world_size = self._rank_world()
-        return {
+        state = {
             "epoch": epoch,
             "batches_done": done,
             "num_workers": self.num_workers,
             "world_size": world_size,
             "seed": self.seed,
         }
+        if self.buckets:
+            state["buckets"] = [list(b) for b in self.buckets]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _, world_size = self._rank_world()
         now = {"num_workers": self.num_workers, "world_size": world_size, "seed": self.seed}
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+        buckets = [list(b) for b in self.buckets] if self.buckets else None
+        if state.get("buckets") != buckets:
+            changed.append("buckets")
         if changed:
             log.warning(
                 f"the data stream resumes at epoch {state.get('epoch')} "
@@ -324,6 +383,7 @@ class ShardDataModule(L.LightningDataModule):
             f"{split}_shards",
             condition_key=self.condition_key,
             need_latent=self.use_cached_latents,
+            need_text=self.text_cache(split) is not None,
         )
         if split == "train":
             urls = self.train_urls()
@@ -338,6 +398,70 @@ class ShardDataModule(L.LightningDataModule):
             _check_shard_count(len(urls), world_size, self.num_workers)
             self._batches_per_epoch(urls, world_size)
         self._checked.add(split)
+
+    # -- cached text embeddings -------------------------------------------------------------
+    def text_cache(self, split: str = "train") -> TextCache | None:
+        """The text cache ``split`` ("train" or "val") reads (its empty-prompt embeddings and
+        fingerprint), or None when it encodes prompts on the fly (see ``use_cached_text``)."""
+        if split not in self._text_cache:
+            self._text_cache[split] = self._find_text_cache(split)
+        return self._text_cache[split]
+
+    def text_caches(self) -> list[TextCache]:
+        """The distinct text caches of the training and validation shards, for the model to
+        compare their fingerprints with its own text encoders' before it trains on them."""
+        found = [self.text_cache("train"), self.text_cache("val")]
+        caches = {c.path: c for c in found if c is not None}
+        return list(caches.values())
+
+    def latent_caches(self) -> dict[str, dict]:
+        """``{shard folder: its manifest's "latent" entry}`` of the local shards read with
+        ``use_cached_latents`` (the VAE they were made with: ``vae``, ``vae_fingerprint``)."""
+        if not self.use_cached_latents:
+            return {}
+        out = {}
+        for urls in (self.train_urls(), self.val_urls() or []):
+            folder = _local_folder(urls)
+            manifest = read_manifest(folder) if folder else None
+            if manifest and isinstance(manifest.get("latent"), dict):
+                out[folder] = manifest["latent"]
+        return out
+
+    def _find_text_cache(self, split: str) -> TextCache | None:
+        if self.use_cached_text is False:
+            return None
+        try:
+            urls = self.train_urls() if split == "train" else self.val_urls()
+        except DataError:
+            return None  # no shards: check_shards says what is wrong with the spec
+        if not urls:
+            return None
+        name = f"{split}_shards"
+        path = self.text_cache_file
+        if path is None:
+            folder = _local_folder(urls)
+            manifest = (read_manifest(folder) if folder else None) or {}
+            if isinstance(manifest.get("text"), dict):
+                path = os.path.join(folder, manifest["text"].get("file", TEXT_CACHE_NAME))
+            elif self.use_cached_text == "auto":
+                return None
+            else:
+                where = f"the manifest in {folder}" if folder else "remote shards have no manifest"
+                raise DataError(
+                    f"{name}: use_cached_text=true but {where} records no text cache: make "
+                    "one with data_prep.cache_latents --text, set data.text_cache_file, or "
+                    "set data.use_cached_text=false"
+                )
+        cache = read_text_cache(path)
+        log.info(
+            f"{name}: cached text embeddings from {cache.path} ({cache.kind}, made with "
+            f"{cache.model}, {cache.fingerprint}): no text encoding per step"
+        )
+        return cache
+
+    def _text_options(self, split: str) -> dict:
+        cache = self.text_cache(split)
+        return {"use_cached_text": cache is not None, "text_pooled": bool(cache and cache.pooled)}
 
     # -- datasets -------------------------------------------------------------------------
     def _batches_per_epoch(self, urls_spec, world_size: int) -> int | None:
@@ -378,7 +502,9 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_epoch=self._batches_per_epoch(urls, world_size),
             crop=self.crop,
             random_flip=self.random_flip,
+            buckets=self.buckets,
             use_cached_latents=self.use_cached_latents,
+            **self._text_options("train"),
             seed=self.seed,
             rank=rank,
             world_size=world_size,
@@ -413,6 +539,7 @@ class ShardDataModule(L.LightningDataModule):
             crop="center",
             random_flip=False,
             use_cached_latents=self.use_cached_latents,
+            **self._text_options("val"),
             seed=self.seed,
             rank=rank,
             world_size=world_size,
@@ -439,7 +566,8 @@ class ShardDataModule(L.LightningDataModule):
         log.info(
             f"train stream: {len(cfg.urls)} shards, rank {cfg.rank}/{cfg.world_size}, epoch "
             f"{dataset.epoch} after {cfg.skip_batches} batches, "
-            f"{cfg.batches_per_epoch or 'endless'} batches/epoch",
+            f"{cfg.batches_per_epoch or 'endless'} batches/epoch"
+            + (f", {len(cfg.buckets)} aspect-ratio buckets" if cfg.buckets else ""),
             all_ranks=True,
         )
         return self._loader(dataset, start_epoch=dataset.epoch)

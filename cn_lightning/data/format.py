@@ -2,7 +2,8 @@
 
 A shard ``<prefix>-NNNNNN.tar`` groups members by key (WebDataset / img2dataset convention):
 ``<key>.jpg|png|webp`` target image, ``<key>.txt`` prompt, ``<key>.json`` metadata,
-``<key>.<condition>.png`` condition images, optional ``<key>.latent.npy`` (float16 (C,h,w)).
+``<key>.<condition>.png`` condition images, optional ``<key>.latent.npy`` (float16 (C,h,w)),
+``<key>.text.npy`` (float16 (tokens, hidden)) and ``<key>.pooled.npy`` (float16 (proj,), SDXL).
 A ``manifest.json`` beside the shards records counts, conditions, resolution and rejects.
 """
 
@@ -15,6 +16,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -27,6 +29,12 @@ FORMAT_VERSION = "cn_lightning.shards/v1"
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.npy"
+# Cached text-encoder outputs (data_prep.cache_latents --text): float16 (tokens, hidden) hidden
+# states, and for SDXL the float16 (proj,) pooled embedding. The empty prompt's are stored once
+# per cache, in TEXT_CACHE_NAME beside the manifest.
+TEXT_EXT = "text.npy"
+POOLED_EXT = "pooled.npy"
+TEXT_CACHE_NAME = "text_cache.safetensors"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _GLOB_CHARS = re.compile(r"[*?[]")
 PROBE_SAMPLES = 8  # samples read from the start of the first shard by check_shards
@@ -95,6 +103,12 @@ def read_image_file(path: str) -> np.ndarray | None:
         return None
 
 
+def decode_prompt(raw: dict) -> str:
+    """The prompt of a raw sample: ``<key>.txt`` as UTF-8, stripped ("" when missing)."""
+    txt = raw.get("txt", b"")
+    return txt.decode("utf-8", "replace").strip() if isinstance(txt, bytes) else str(txt).strip()
+
+
 def encode_npy(array: np.ndarray) -> bytes:
     """``np.save`` bytes (what ``<key>.latent.npy`` holds)."""
     buf = io.BytesIO()
@@ -126,6 +140,65 @@ def write_shard_atomic(path: str, samples: Iterable[dict[str, bytes | str]]) -> 
                 )
                 count += 1
     return count, os.path.getsize(path)
+
+
+@dataclass(frozen=True)
+class TextCache:
+    """The empty prompt's text-encoder outputs of a text cache (``TEXT_CACHE_NAME``), stored once
+    for all its samples, and what made them (``fingerprint``: see
+    ``cn_lightning.models.fingerprint``)."""
+
+    path: str
+    fingerprint: str
+    kind: str  # "sd" (one text encoder) or "sdxl" (two, with a pooled embedding)
+    model: str  # the model folder the cache was made from
+    empty_hidden: np.ndarray  # (tokens, hidden)
+    empty_pooled: np.ndarray | None  # (proj,), SDXL only
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the samples carry ``<key>.pooled.npy`` (SDXL)."""
+        return self.empty_pooled is not None
+
+
+def write_text_cache(
+    path: str, meta: dict[str, str], hidden: np.ndarray, pooled: np.ndarray | None = None
+) -> None:
+    """Write the empty prompt's embeddings (float32) with ``meta`` (``fingerprint``, ``kind``,
+    ``model``) as safetensors metadata, atomically."""
+    from safetensors.numpy import save_file
+
+    tensors = {"empty.hidden": np.ascontiguousarray(hidden, np.float32)}
+    if pooled is not None:
+        tensors["empty.pooled"] = np.ascontiguousarray(pooled, np.float32)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
+
+
+def read_text_cache(path: str) -> TextCache:
+    """Read a text cache file; :class:`DataError` (one line) if it is missing or broken."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            hidden = f.get_tensor("empty.hidden")
+            pooled = f.get_tensor("empty.pooled") if "empty.pooled" in names else None
+        return TextCache(
+            path=path,
+            fingerprint=meta["fingerprint"],
+            kind=meta.get("kind", "sdxl" if pooled is not None else "sd"),
+            model=meta.get("model", "?"),
+            empty_hidden=hidden,
+            empty_pooled=pooled,
+        )
+    except Exception as err:
+        detail = type(err).__name__ + (f": {first_line(err)}" if str(err).strip() else "")
+        raise DataError(
+            f"cannot read the text cache {path} ({detail}): rebuild it with "
+            "data_prep.cache_latents --text, or set data.use_cached_text=false"
+        ) from None
 
 
 def read_manifest(directory: str) -> dict | None:
@@ -390,7 +463,11 @@ def condition_keys_of(sample: dict) -> list[str]:
 
 
 def check_shards(
-    spec, name: str, condition_key: str | None = None, need_latent: bool = False
+    spec,
+    name: str,
+    condition_key: str | None = None,
+    need_latent: bool = False,
+    need_text: bool = False,
 ) -> list[str]:
     """Check a shard spec before training and return its URLs; raise :class:`DataError` with a
     one-line message naming the problem.
@@ -399,7 +476,8 @@ def check_shards(
     Then, for local and remote (``pipe:``, URLs) shards alike, the first samples of the first
     shard are read: it must be a readable tar whose samples have a target image, the
     ``<key>.<condition_key>.png`` condition (the message lists the conditions they have) and,
-    with ``need_latent``, ``<key>.latent.npy``. Remote shards are only ever read, never stat'ed.
+    with ``need_latent``, ``<key>.latent.npy``, with ``need_text``, ``<key>.text.npy``. Remote
+    shards are only ever read, never stat'ed.
     """
     urls = _existing_urls(spec, name)
     url, samples = _probe(urls, name)
@@ -425,6 +503,11 @@ def check_shards(
         raise DataError(
             f"{name}: use_cached_latents is set but {shard} has no "
             f"<key>.{LATENT_EXT} ({read}; add them with data_prep.cache_latents)"
+        )
+    if need_text and not any(TEXT_EXT in s for s in samples):
+        raise DataError(
+            f"{name}: use_cached_text is set but {shard} has no <key>.{TEXT_EXT} ({read}; add "
+            "them with data_prep.cache_latents --text, or set data.use_cached_text=false)"
         )
     return urls
 

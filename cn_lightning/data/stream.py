@@ -1,7 +1,8 @@
 """The sample stream behind :class:`~cn_lightning.data.ShardDataModule`.
 
 Per DataLoader worker: shard URLs → tar members grouped into raw samples → shuffle buffer →
-decode + paired resize/crop/flip (corrupt samples skipped and counted) → batches of tensors.
+decode + paired resize/crop/flip (corrupt samples skipped and counted) → batches of tensors,
+each of one aspect-ratio bucket (see :mod:`cn_lightning.data.buckets`) when buckets are set.
 Batching happens in the worker (the DataLoader uses ``batch_size=None``), so every rank yields
 exactly the number of batches it was given, whatever the shard sizes.
 """
@@ -9,6 +10,7 @@ exactly the number of batches it was given, whatever the shard sizes.
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -23,14 +25,18 @@ from webdataset.gopen import gopen
 
 from cn_lightning import log
 from cn_lightning.conditions import is_discrete
+from cn_lightning.data.buckets import Bucket, bucket_transform, nearest_bucket
 from cn_lightning.data.format import (
     IMAGE_EXTS,
     LATENT_EXT,
+    POOLED_EXT,
+    TEXT_EXT,
     decode_image,
     decode_npy,
+    decode_prompt,
     tar_samples,
 )
-from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor, paired_transform
+from cn_lightning.data.transforms import condition_to_tensor, image_to_tensor
 from cn_lightning.errors import DataError
 
 SKIP_REASONS = (
@@ -41,6 +47,7 @@ SKIP_REASONS = (
     "decode_error",
     "size_mismatch",
     "bad_latent",
+    "bad_text",
 )
 _CONDITION_EXTS = ("png", "jpg", "jpeg", "webp")
 _MAX_WARNINGS = 10
@@ -67,7 +74,14 @@ class StreamConfig:
     batches_per_epoch: int | None = None  # per rank; None = endless (resampled) or one pass
     crop: str = "center"
     random_flip: bool = False
+    # Aspect-ratio buckets, (height, width) pixels (buckets.parse_buckets); None = square
+    # resolution x resolution crops. Batches never mix buckets.
+    buckets: list[tuple[int, int]] | None = None
     use_cached_latents: bool = False
+    # <key>.text.npy into "text_embeds" (and with text_pooled, SDXL's <key>.pooled.npy into
+    # "pooled_text_embeds"): cached text-encoder outputs from data_prep.cache_latents --text.
+    use_cached_text: bool = False
+    text_pooled: bool = False
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -174,8 +188,14 @@ def _first(sample: dict, names: list[str]) -> bytes | None:
 def decode_sample(
     raw: dict, cfg: StreamConfig, rng: random.Random, counter: SkipCounter
 ) -> dict | None:
-    """Raw sample → ``{"image": (3,R,R) in [-1,1], "condition": (3,R,R) in [0,1], "prompt",
-    "key"[, "latent": (C,h,w)]}``, or None (counted) if anything is missing or broken."""
+    """Raw sample → ``{"image": (3,H,W) in [-1,1], "condition": (3,H,W) in [0,1], "prompt",
+    "key", "original_size", "crop_top_left", "target_size"[, "latent": (C,h,w)][,
+    "text_embeds": (T,D)[, "pooled_text_embeds": (P,)]]}``, or None (counted) if anything is
+    missing or broken.
+
+    (H, W) is the bucket nearest the image's aspect ratio (``cfg.buckets``), else
+    (resolution, resolution); see :func:`sample_geometry` for the three (2,) int64 sizes.
+    """
     where = f"{raw['__url__']}:{raw['__key__']}"
     image_bytes = _first(raw, list(IMAGE_EXTS))
     if image_bytes is None:
@@ -209,24 +229,89 @@ def decode_sample(
         except Exception as err:
             counter.skip("bad_latent", where, f"{type(err).__name__}: {err}")
             return None
+    if cfg.use_cached_text:
+        try:
+            out.update(decode_text(raw, cfg.text_pooled))
+        except Exception as err:
+            counter.skip("bad_text", where, f"{type(err).__name__}: {err}")
+            return None
+    stored = (int(image.shape[0]), int(image.shape[1]))
+    bucket = sample_bucket(stored, cfg)
+    if cfg.buckets and "latent" in out and not latent_fits(tuple(out["latent"].shape), bucket):
+        counter.skip(
+            "bad_latent",
+            where,
+            f"latent {tuple(out['latent'].shape)} is not the {bucket[0]}x{bucket[1]} bucket's "
+            "(cache the latents with the same buckets)",
+        )
+        return None
     crop = cfg.crop if cfg.training else "center"
-    image, condition = paired_transform(
+    # With bucket (resolution, resolution) this is the square path's shorter-side resize and
+    # crop, pixel for pixel.
+    image, condition, crop_top_left = bucket_transform(
         image,
         condition,
-        cfg.resolution,
+        bucket,
         crop=crop,
         flip=cfg.random_flip and cfg.training,
         rng=rng,
         discrete_condition=is_discrete(cfg.condition_key),
     )
-    txt = raw.get("txt", b"")
     out.update(
         image=image_to_tensor(image),
         condition=condition_to_tensor(condition),
-        prompt=txt.decode("utf-8", "replace").strip() if isinstance(txt, bytes) else txt,
+        prompt=decode_prompt(raw),
         key=str(raw["__key__"]),
+        **sample_geometry(raw, stored, crop_top_left, bucket),
     )
     return out
+
+
+def sample_bucket(size: tuple[int, int], cfg: StreamConfig) -> Bucket:
+    """The training size of an image of ``size`` (height, width): the bucket nearest its aspect
+    ratio, or (resolution, resolution) without buckets."""
+    if cfg.buckets:
+        return nearest_bucket(size[0], size[1], cfg.buckets)
+    return (cfg.resolution, cfg.resolution)
+
+
+def latent_fits(shape: tuple[int, ...] | None, bucket: Bucket) -> bool:
+    """A cached (C, h, w) latent fits ``bucket`` if it is the bucket divided by one integer
+    factor (the VAE's: 8 for SD/SDXL, 2 for the tiny test models)."""
+    if shape is None or len(shape) != 3 or min(shape[1:]) < 1:
+        return False
+    (h, w), (bh, bw) = shape[1:], bucket
+    return bh % h == 0 and bw % w == 0 and bh // h == bw // w
+
+
+def meta_original_size(raw: dict) -> tuple[int, int] | None:
+    """``original_size`` [height, width] from the sample's ``.json`` (what data_prep records:
+    the source image's size before its resize), None if absent or not two positive ints."""
+    try:
+        value = json.loads(raw["json"])["original_size"]
+        height, width = value
+    except Exception:
+        return None
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width))
+    return (height, width) if ok else None
+
+
+def sample_geometry(
+    raw: dict, stored: tuple[int, int], crop_top_left: tuple[int, int], bucket: Bucket
+) -> dict[str, torch.Tensor]:
+    """SDXL's size conditioning of one sample, (2,) int64 each: ``original_size`` (height,
+    width: the ``.json``'s ``original_size``, else the stored image's), ``crop_top_left``
+    (top, left of the crop in the image resized to cover the bucket, measured after a flip)
+    and ``target_size`` (the bucket: the batch's image size)."""
+    original = meta_original_size(raw) or stored
+    return {
+        name: torch.tensor(value, dtype=torch.int64)
+        for name, value in (
+            ("original_size", original),
+            ("crop_top_left", crop_top_left),
+            ("target_size", bucket),
+        )
+    }
 
 
 def image_header_size(data: bytes) -> tuple[int, int] | None:
@@ -256,6 +341,76 @@ def npy_header_ndim(data: bytes | None) -> int | None:
         return None
 
 
+def image_header_hw(data: bytes | None) -> tuple[int, int] | None:
+    """(height, width) of an encoded image as :func:`decode_image` returns it (OpenCV turns it
+    by its EXIF orientation), read from the header only; None if it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            # Only an EXIF block read with the header: PNG's getexif() would decode the pixels.
+            turned = "exif" in image.info and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:
+        return None
+    return (width, height) if turned else (height, width)
+
+
+def npy_header_shape(data: bytes | None) -> tuple[int, ...] | None:
+    """Shape of an ``.npy`` array from its header, None if it is not one."""
+    if not data:
+        return None
+    try:
+        buf = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(buf)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        return tuple(read(buf)[0])
+    except Exception:
+        return None
+
+
+def raw_bucket(raw: dict, cfg: StreamConfig) -> Bucket | None:
+    """The bucket :func:`decode_sample` puts a usable sample in, read from its headers (used when
+    skipping already-trained batches): None if its cached latent does not fit that bucket."""
+    if not cfg.buckets:
+        return (cfg.resolution, cfg.resolution)
+    size = image_header_hw(_first(raw, list(IMAGE_EXTS)))
+    if size is None:
+        return None
+    bucket = sample_bucket(size, cfg)
+    if cfg.use_cached_latents and not latent_fits(npy_header_shape(raw.get(LATENT_EXT)), bucket):
+        return None
+    return bucket
+
+
+def decode_text(raw: dict, pooled: bool) -> dict[str, torch.Tensor]:
+    """``{"text_embeds": float32 (T, D)[, "pooled_text_embeds": float32 (P,)]}`` from a sample's
+    cached ``<key>.text.npy`` (and ``<key>.pooled.npy``); raises if missing or malformed."""
+    out = {}
+    for ext, name, ndim, what in (
+        (TEXT_EXT, "text_embeds", 2, "(tokens, hidden)"),
+        (POOLED_EXT, "pooled_text_embeds", 1, "(proj,)"),
+    ):
+        if ext == POOLED_EXT and not pooled:
+            break
+        if ext not in raw:
+            raise KeyError(f"no <key>.{ext} (use_cached_text needs data_prep.cache_latents --text)")
+        array = decode_npy(raw[ext])
+        if array.ndim != ndim:
+            raise ValueError(f"<key>.{ext}: expected a {what} array, got shape {array.shape}")
+        out[name] = torch.from_numpy(array.astype(np.float32))
+    return out
+
+
+def text_headers_ok(raw: dict, pooled: bool) -> bool:
+    """What :func:`decode_text` would decide, from the ``.npy`` headers only."""
+    if npy_header_ndim(raw.get(TEXT_EXT)) != 2:
+        return False
+    return not pooled or npy_header_ndim(raw.get(POOLED_EXT)) == 1
+
+
 def sample_is_usable(raw: dict, cfg: StreamConfig) -> bool:
     """What :func:`decode_sample` would decide, read from the members' headers only (no
     pixel decoding): used to skip already-trained batches quickly on resume. A sample whose
@@ -266,6 +421,8 @@ def sample_is_usable(raw: dict, cfg: StreamConfig) -> bool:
         return False
     sizes = [image_header_size(image_bytes), image_header_size(cond_bytes)]
     if None in sizes or sizes[0] != sizes[1]:
+        return False
+    if cfg.use_cached_text and not text_headers_ok(raw, cfg.text_pooled):
         return False
     if cfg.use_cached_latents:
         return npy_header_ndim(raw.get(LATENT_EXT)) == 3
@@ -283,6 +440,12 @@ def collate(samples: list[dict], n_skipped: int) -> dict:
     }
     if "latent" in samples[0]:
         batch["latent"] = torch.stack([s["latent"] for s in samples])
+    for name in ("text_embeds", "pooled_text_embeds"):  # (B, T, D) and (B, P), cached text
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    for name in ("original_size", "crop_top_left", "target_size"):  # (B, 2) int64 each
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
 
@@ -410,17 +573,28 @@ class ShardStream(IterableDataset):
 
         Sample ``n`` of the segment draws its augmentation from its own seed (seed, n), so
         skipping (which checks samples without decoding them) leaves the rest unchanged.
+
+        Every bucket (without buckets: the one square size) fills its own list, and a batch is
+        made when one holds ``batch_size`` samples: no batch mixes buckets, and the batches
+        count towards ``quota`` whatever their bucket. Skipping routes each sample to its bucket
+        by its header size; the samples of buckets the skipped batches left part-filled are kept
+        (undecoded, decoded with their own seed when their bucket fills), so the batches after
+        ``skip`` are the uninterrupted run's. Part-filled buckets at the end of a pass are
+        dropped (``drop_last``) or each made into a smaller batch.
         """
         cfg = self.cfg
-        pending: list[dict] = []
-        made = failures = pending_skipped = 0
+        # Per bucket: decoded samples, or (n, raw) samples kept while skipping.
+        pending: dict[Bucket, list] = {}
+        made = failures = 0
         decoded_any = False
         for n, sample in enumerate(raw):
             if made < skip:
-                if sample_is_usable(sample, cfg):
-                    pending_skipped += 1
-                    if pending_skipped == cfg.batch_size:
-                        pending_skipped, made = 0, made + 1
+                bucket = raw_bucket(sample, cfg) if sample_is_usable(sample, cfg) else None
+                if bucket is not None:
+                    waiting = pending.setdefault(bucket, [])
+                    waiting.append((n, sample))
+                    if len(waiting) == cfg.batch_size:
+                        pending[bucket], made = [], made + 1
                 continue
             rng = random.Random(derive_seed(seed, n))
             decoded = decode_sample(sample, cfg, rng, counter)
@@ -433,18 +607,53 @@ class ShardStream(IterableDataset):
                     )
                 continue
             decoded_any, failures = True, 0
-            pending.append(decoded)
-            if len(pending) == cfg.batch_size:
-                yield collate(pending, counter.take())
-                pending, made = [], made + 1
-                if quota is not None and made >= quota:
-                    return
-        if pending and not cfg.drop_last:
-            yield collate(pending, counter.take())
+            bucket = _bucket_of(decoded)
+            waiting = pending.setdefault(bucket, [])
+            waiting.append(decoded)
+            if len(waiting) < cfg.batch_size:
+                continue
+            ready = self._decode_kept(waiting, bucket, pending, seed, counter)
+            pending[bucket] = ready[cfg.batch_size :]
+            if len(ready) < cfg.batch_size:  # a kept sample did not decode after all
+                pending[bucket] = ready
+                continue
+            yield collate(ready[: cfg.batch_size], counter.take())
             made += 1
+            if quota is not None and made >= quota:
+                return
+        if not cfg.drop_last:
+            for bucket in list(pending):
+                ready = self._decode_kept(pending.pop(bucket), bucket, pending, seed, counter)
+                if ready and (quota is None or made < quota):
+                    yield collate(ready, counter.take())
+                    made += 1
         if quota is not None and made < quota:
             raise DataError(
                 f"rank {cfg.rank}: the shards gave only {made} of {quota} batches "
                 f"({'no decodable samples' if not decoded_any else 'too few samples'}); "
                 f"skipped: {dict(counter.counts)}"
             )
+
+    def _decode_kept(
+        self, waiting: list, bucket: Bucket, pending: dict, seed: int, counter: SkipCounter
+    ) -> list[dict]:
+        """``waiting`` with the samples kept while skipping decoded (with their own seeds);
+        those that fail are dropped (counted), one that decodes to another bucket than its
+        header said moves to that bucket's list."""
+        ready = []
+        for item in waiting:
+            if isinstance(item, tuple):
+                n, sample = item
+                item = decode_sample(sample, self.cfg, random.Random(derive_seed(seed, n)), counter)
+                if item is None:
+                    continue
+                if _bucket_of(item) != bucket:
+                    pending.setdefault(_bucket_of(item), []).append(item)
+                    continue
+            ready.append(item)
+        return ready
+
+
+def _bucket_of(decoded: dict) -> Bucket:
+    height, width = decoded["target_size"].tolist()
+    return (height, width)

@@ -6,8 +6,9 @@ Two sources are accepted, both fully offline:
   (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), or the SDXL one
   ``StableDiffusionXLPipeline.save_pretrained`` writes, which adds ``text_encoder_2/`` (a
   ``CLIPTextModelWithProjection``) and ``tokenizer_2/``;
-* a single original-format checkpoint file (``.safetensors`` / ``.ckpt``, SD1.x or SD2.x), read
-  with configs shipped inside this package (see ``cn_lightning.models.single_file``).
+* a single original-format checkpoint file (``.safetensors`` / ``.ckpt``, SD1.x, SD2.x or the SDXL
+  base model), read with configs shipped inside this package (see
+  ``cn_lightning.models.single_file``).
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def load_backbone(
 
     Args:
         path: a diffusers pipeline directory (SD1.x, SD2.x or SDXL) or an original-format
-            ``.safetensors``/``.ckpt`` (SD1.x / SD2.x).
+            ``.safetensors``/``.ckpt`` (SD1.x / SD2.x / SDXL base).
         frozen_dtype: dtype of the frozen weights (``fp32``, ``bf16`` or ``fp16``).
-        variant: for single files, forces the architecture (``sd15``, ``sd21``, ``sd21-base``).
+        variant: for single files, forces the architecture (``sd15``, ``sd21``, ``sd21-base``,
+            ``sdxl``).
         vae_path: a separate VAE to use instead of the model's own (e.g. the fp16-fix SDXL VAE):
             a diffusers ``AutoencoderKL`` folder (``config.json`` + weights), or a pipeline
             directory with a ``vae/`` folder.
@@ -192,3 +194,34 @@ def freeze_backbone(backbone: Backbone, dtype: torch.dtype) -> None:
         module.eval()
         if any(p.dtype != dtype for p in module.parameters()):
             module.to(dtype=dtype)
+
+
+def load_text_encoders(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[list[CLIPTokenizer], list[torch.nn.Module]]:
+    """Only the prompt encoding of a diffusers directory: ``([tokenizer], [text_encoder])``, or
+    for SDXL both tokenizers and both encoders (``tokenizer_2/``, ``text_encoder_2/``), frozen in
+    ``dtype``. What ``data_prep.cache_latents --text`` needs, without loading the UNet."""
+    path = Path(os.path.expanduser(str(path)))
+    names = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if all((path / c).is_dir() for c in SDXL_COMPONENTS):
+        names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    missing = [d + "/" for t, e, _ in names for d in (t, e) if not (path / d).is_dir()]
+    if missing:
+        raise BackboneLoadError(
+            f"{str(path)!r} has no {' '.join(missing)}: text embeddings need a diffusers model "
+            "directory with its text encoder(s) and tokenizer(s)"
+        )
+    tokenizers, encoders = [], []
+    try:
+        for tokenizer, encoder, cls in names:
+            tokenizers.append(
+                CLIPTokenizer.from_pretrained(path / tokenizer, local_files_only=True)
+            )
+            model = cls.from_pretrained(path / encoder, local_files_only=True, dtype=dtype)
+            encoders.append(model.requires_grad_(False).eval())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BackboneLoadError(
+            f"could not load the text encoders in {str(path)!r}: {first_line(err)}"
+        ) from err
+    return tokenizers, encoders

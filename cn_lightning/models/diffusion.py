@@ -32,16 +32,20 @@ class FrozenPartsMixin:
 
     No strategy (DDP, DeepSpeed, FSDP) casts, shards, wraps or checkpoints them; device moves of
     the module (``.to(device)``, ``.cuda()``) carry them along, dtype changes do not (their
-    precision is chosen when they are loaded). Mix in before ``LightningModule``.
+    precision is chosen when they are loaded). Mix in before ``LightningModule``. The parts
+    named in ``_host_frozen`` stay on the CPU whatever the module's device (the text encoders
+    when cached text embeddings serve training).
     """
 
     _frozen: dict[str, torch.nn.Module]
+    _host_frozen: frozenset[str] = frozenset()
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         probe = fn(torch.empty(0))
-        for module in self._frozen.values():
-            module.to(device=probe.device)
+        for name, module in self._frozen.items():
+            if name not in self._host_frozen:
+                module.to(device=probe.device)
         return self
 
 
@@ -85,6 +89,22 @@ def encode_prompt_sdxl(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def encode_text(
+    tokenizers: Sequence,
+    text_encoders: Sequence[torch.nn.Module],
+    prompts: Sequence[str],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A backbone's prompt encoding, ``(hidden (B, tokens, hidden), pooled (B, proj) or None)``:
+    :func:`encode_prompt` with one text encoder (SD: the last hidden state, no pooled
+    embedding), :func:`encode_prompt_sdxl` with two. What ``ControlNetModule.encode_text``
+    trains on and ``data_prep.cache_latents --text`` stores."""
+    if len(text_encoders) == 2:
+        return encode_prompt_sdxl(tokenizers, text_encoders, prompts, device)
+    (tokenizer,), (text_encoder,) = tokenizers, text_encoders
+    return encode_prompt(tokenizer, text_encoder, prompts, device), None
+
+
 def sdxl_time_ids(
     original_size: Sequence[int], crop_top_left: Sequence[int], target_size: Sequence[int]
 ) -> list[int]:
@@ -93,12 +113,18 @@ def sdxl_time_ids(
     return [*map(int, original_size), *map(int, crop_top_left), *map(int, target_size)]
 
 
+def drop_mask(n: int, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) bool: which of ``n`` prompts to replace by "" (probability ``rate`` each). One draw
+    of ``n`` uniforms from ``generator``, whether the prompts are text or cached embeddings."""
+    return torch.rand(n, generator=generator) < rate
+
+
 def drop_prompts(
     prompts: Sequence[str], rate: float, generator: torch.Generator | None = None
 ) -> list[str]:
     """Replace each prompt by "" with probability ``rate`` (the paper's trick for guidance)."""
-    keep = torch.rand(len(prompts), generator=generator) >= rate
-    return [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+    drop = drop_mask(len(prompts), rate, generator)
+    return ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
 
 
 def diffusion_target(

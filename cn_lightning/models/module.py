@@ -10,9 +10,10 @@ SDXL backbones (a diffusers SDXL directory) work the same way, as diffusers'
 encoders encode the prompt (the empty one too), and the ControlNet and the UNet both get
 ``added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids}``. ``add_time_ids`` is
 ``(original_size, crop_top_left, target_size)``: the batch's ``original_size`` /
-``crop_top_left`` (B, 2) when it has those keys, else the training image's own size and (0, 0)
-(the data module does not pass a sample's real size and crop yet); the target size is always the
-training image's size.
+``crop_top_left`` (B, 2) when it has those keys (the ShardDataModule always passes each
+sample's source size and its crop in the image resized to cover the training size; with
+aspect-ratio buckets, see docs/data.md), else the training image's own size and (0, 0); the
+target size is always the training image's size (latent size x the VAE factor: the bucket's).
 
 Checkpoints hold only the trainable weights (see :meth:`ControlNetModule.state_dict`): the frozen
 backbone is reloaded from ``pretrained_model_path`` and never copied into a checkpoint.
@@ -50,12 +51,13 @@ from cn_lightning.models.diffusion import (
     SAMPLERS,
     FrozenPartsMixin,
     diffusion_target,
+    drop_mask,
     drop_prompts,
-    encode_prompt,
-    encode_prompt_sdxl,
     make_sampler,
     sdxl_time_ids,
 )
+from cn_lightning.models.diffusion import encode_text as run_text_encoders
+from cn_lightning.models.fingerprint import text_fingerprint, vae_fingerprint
 
 
 def adamw(params: Iterable, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
@@ -103,7 +105,7 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         gradient_checkpointing: recompute activations of ControlNet and UNet in backward.
         memory_format: layout of the 4-D weights of the UNet, ControlNet and VAE for training:
             ``channels_last`` (NHWC), ``contiguous`` (NCHW) or ``auto`` (NHWC except under
-            DeepSpeed, whose engine needs contiguous parameters). Convolutions pick their
+            DeepSpeed and FSDP, which need contiguous parameters). Convolutions pick their
             kernels by the weight's layout; NHWC ones are faster on GPUs (tensor cores) and
             with oneDNN on CPUs (0.91x the quickstart's step time). Set when fit starts
             (:meth:`configure_model`); the weights are the same in either layout.
@@ -116,6 +118,13 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         noise_offset: optional offset noise (0 disables it).
         sampler / sample_steps / guidance_scale / eta: defaults of :meth:`sample`.
         conditioning_channels: channels of the condition image.
+        zero_conv_init: how the junctions between the branch and the locked UNet start: ``zero``
+            (the paper: the model equals the locked backbone at step 0), ``gaussian`` (the
+            paper's ablation: Gaussian weights, σ = ``zero_conv_std`` or 1/sqrt(fan-in)) or
+            ``none`` (no zero convolution: the branch's outputs join the skip connections
+            directly, through frozen identity junctions); see
+            :mod:`cn_lightning.models.controlnet`.
+        zero_conv_std: σ of the ``gaussian`` junctions (null: 1/sqrt(fan-in)).
         seed: with the global rank and the optimizer step, seeds every random draw of a
             training step (noise, timesteps, prompt drops, latent sampling), so ranks draw
             differently and a rerun or resumed run draws exactly the same.
@@ -147,6 +156,8 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         guidance_scale: float = 9.0,
         eta: float = 0.0,
         conditioning_channels: int = 3,
+        zero_conv_init: str = "zero",
+        zero_conv_std: float | None = None,
         seed: int = 0,
         max_consecutive_nonfinite: int = 10,
     ) -> None:
@@ -166,6 +177,13 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # Loaded in fp32 so the trainable copy starts from the exact weights; the frozen parts
         # are cast to frozen_dtype only after the copy is made.
         backbone = load_backbone(pretrained_model_path, "fp32", variant=variant, vae_path=vae_path)
+        # What the prompt encoding and the VAE are, from their float32 weights (before the cast
+        # to frozen_dtype): caches made with another backbone are refused (check_caches).
+        self.text_fingerprint = text_fingerprint(
+            (backbone.tokenizer, backbone.tokenizer_2),
+            (backbone.text_encoder, backbone.text_encoder_2),
+        )
+        self.vae_fingerprint = vae_fingerprint(backbone.vae)
         self.vae_scale_factor = backbone.vae_scale_factor
         self.tokenizer = backbone.tokenizer
         self.tokenizer_2 = backbone.tokenizer_2
@@ -182,6 +200,9 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             vae_scale_factor=self.vae_scale_factor,
             pretrained=load_controlnet(controlnet_path, backbone.unet) if controlnet_path else None,
             conditioning_channels=conditioning_channels,
+            zero_conv_init=zero_conv_init,
+            zero_conv_std=zero_conv_std,
+            seed=seed,
         )
         decoder_fp32 = {} if sd_locked else _decoder_parameters(backbone.unet)
         freeze_backbone(backbone, parse_dtype(frozen_dtype))
@@ -200,19 +221,27 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         # Prompt -> (text embedding (tokens, hidden), SDXL's pooled embedding or None) on the
         # module's device: see encode_text.
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # The empty prompt's embeddings stored with a text cache (check_caches), on the CPU.
+        self._cached_empty: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def configure_model(self) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         # _uses_deepspeed() needs the engine, which the strategy builds only after this hook.
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
         layout = self.hparams.memory_format
         if layout == "auto":
-            layout = "contiguous" if deepspeed else "channels_last"
-        elif layout == "channels_last" and deepspeed:
+            layout = "contiguous" if deepspeed or fsdp else "channels_last"
+        elif layout == "channels_last" and (deepspeed or fsdp):
+            why = (
+                "DeepSpeed (its engine broadcasts and flattens parameters as contiguous buffers)"
+                if deepspeed
+                else "FSDP (the optimizer state of NHWC weights comes back permuted on resume)"
+            )
             raise ConfigError(
-                "model.memory_format=channels_last does not work under DeepSpeed (its engine "
-                "broadcasts and flattens parameters as contiguous buffers): use auto or contiguous"
+                f"model.memory_format=channels_last does not work under {why}: use auto or "
+                "contiguous"
             )
         for part in (self.unet, self.controlnet, self.vae):
             part.to(memory_format=MEMORY_FORMATS[layout])
@@ -304,17 +333,17 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         new = list(dict.fromkeys(p for p in prompts if p not in kept))
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if new:
+            parts = [(self.tokenizer, self.text_encoder)]
             if self.is_sdxl:
-                hidden, pooled = encode_prompt_sdxl(
-                    (self.tokenizer, self.tokenizer_2),
-                    (self.text_encoder, self.text_encoder_2),
-                    new,
-                    self.device,
-                )
-                fresh = {p: (h, q) for p, h, q in zip(new, hidden, pooled, strict=True)}
-            else:
-                hidden = encode_prompt(self.tokenizer, self.text_encoder, new, self.device)
-                fresh = {p: (h, None) for p, h in zip(new, hidden, strict=True)}
+                parts.append((self.tokenizer_2, self.text_encoder_2))
+            tokenizers, encoders = zip(*parts, strict=True)
+            # On the encoders' device: the CPU when a text cache serves training (see
+            # keep_text_encoders_on_host), else the module's.
+            device = next(self.text_encoder.parameters()).device
+            hidden, pooled = run_text_encoders(tokenizers, encoders, new, device)
+            hidden = hidden.to(self.device)
+            pooled = [None] * len(new) if pooled is None else pooled.to(self.device)
+            fresh = {p: (h, q) for p, h, q in zip(new, hidden, pooled, strict=True)}
             keep = [p for p in new if cache or p == ""]
             if len(kept) + len(keep) > PROMPT_CACHE_SIZE:
                 kept.clear()
@@ -375,6 +404,101 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
     def drop_prompts(self, prompts: Sequence[str], generator: torch.Generator | None = None):
         """Replace each prompt by "" with probability ``ucg_rate`` (the paper's trick)."""
         return drop_prompts(prompts, self.hparams.ucg_rate, generator)
+
+    # --------------------------------------------------------------------- cached embeddings
+    def cached_text(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's cached text embeddings (``text_embeds`` (B, T, D), SDXL's
+        ``pooled_text_embeds`` (B, P)) with the prompt drop applied: the same draw from
+        ``generator`` as :meth:`drop_prompts`, the dropped rows replaced by the empty prompt's
+        embeddings (:meth:`empty_text`). Equal to :meth:`encode_text` of the dropped prompts
+        up to the cache's float16 storage."""
+        hidden = batch["text_embeds"].to(self.device, torch.float32)
+        pooled = batch.get("pooled_text_embeds")
+        if self.is_sdxl and pooled is None:
+            raise ConfigError(
+                "an SDXL model needs the pooled text embeddings too: cache the shards again "
+                "with data_prep.cache_latents --text --model <the SDXL model>"
+            )
+        pooled = None if pooled is None or not self.is_sdxl else pooled.to(hidden)
+        drop = drop_mask(hidden.shape[0], self.hparams.ucg_rate, generator)
+        if bool(drop.any()):
+            empty_hidden, empty_pooled = self.empty_text()
+            rows = drop.to(self.device)
+            hidden = torch.where(rows[:, None, None], empty_hidden.to(hidden), hidden)
+            if pooled is not None:
+                pooled = torch.where(rows[:, None], empty_pooled.to(pooled), pooled)
+        return hidden, pooled
+
+    def empty_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The empty prompt's ``(hidden (T, D), pooled (P,) or None)``: the ones stored with the
+        text cache (given by :meth:`check_caches`), else encoded by :meth:`encode_text`."""
+        if self._cached_empty is None:
+            hidden, pooled = self.encode_text([""])
+            return hidden[0], None if pooled is None else pooled[0]
+        hidden, pooled = self._cached_empty
+        return hidden.to(self.device), None if pooled is None else pooled.to(self.device)
+
+    def check_caches(self, text_caches: Sequence = (), latent_caches: dict | None = None) -> None:
+        """Refuse caches made with another backbone, in one line (:class:`ConfigError`), and keep
+        the text cache's empty-prompt embeddings for the prompt drop.
+
+        Args:
+            text_caches: ``cn_lightning.data.format.TextCache`` objects (``fingerprint``,
+                ``model``, ``kind``, ``path``, ``empty_hidden``, ``empty_pooled``), e.g.
+                ``ShardDataModule.text_caches()``.
+            latent_caches: ``{shard folder: manifest "latent" entry}`` (``vae``,
+                ``vae_fingerprint``), e.g. ``ShardDataModule.latent_caches()``.
+        """
+        path = self.hparams.pretrained_model_path
+        kind = "sdxl" if self.is_sdxl else "sd"
+        for cache in text_caches:
+            if cache.fingerprint != self.text_fingerprint:
+                raise ConfigError(
+                    f"the text cache {cache.path} was made with the text encoder(s) of "
+                    f"{cache.model} ({cache.kind}, {cache.fingerprint}), not those of "
+                    f"model.pretrained_model_path {path} ({kind}, {self.text_fingerprint}): "
+                    f"cache the shards again with python -m data_prep.cache_latents --model "
+                    f"{path}, or set data.use_cached_text=false"
+                )
+        for folder, info in (latent_caches or {}).items():
+            made_with = info.get("vae_fingerprint")
+            if made_with and made_with != self.vae_fingerprint:
+                vae = self.hparams.vae_path or path
+                raise ConfigError(
+                    f"the cached latents in {folder} were made with the VAE of "
+                    f"{info.get('vae', '?')} ({made_with}), not with {vae}'s "
+                    f"({self.vae_fingerprint}): cache them again with python -m "
+                    f"data_prep.cache_latents --model {vae}, or set data.use_cached_latents=false"
+                )
+        if text_caches:
+            cache = text_caches[0]
+            pooled = None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled)
+            self._cached_empty = (torch.from_numpy(cache.empty_hidden), pooled)
+
+    def keep_text_encoders_on_host(self, host: bool = True) -> None:
+        """Keep the text encoder(s) on the CPU whatever the module's device (``host``), or let
+        them follow it again. With cached text embeddings training never runs them; only the
+        sample grids' fixed prompts are encoded there, once (:meth:`encode_text` with
+        ``cache=True``), which frees their accelerator memory (1.6 GB for SDXL's in bf16)."""
+        names = frozenset(n for n in ("text_encoder", "text_encoder_2") if n in self._frozen)
+        self._host_frozen = names if host else frozenset()
+        for name in names:
+            self._frozen[name].to(torch.device("cpu") if host else self.device)
+
+    def setup(self, stage: str) -> None:
+        # The DataModule's setup (which Lightning runs first) has found the caches it reads.
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "text_caches"):
+            self.check_caches(datamodule.text_caches(), datamodule.latent_caches())
+            # Before the strategy moves the module: the encoders stay on the host when no
+            # split encodes prompts per step.
+            splits = ["train"] if stage == "fit" else []
+            if stage in ("fit", "validate") and datamodule.val_urls() is not None:
+                splits.append("val")
+            cached = all(datamodule.text_cache(s) is not None for s in splits)
+            self.keep_text_encoders_on_host(bool(splits) and cached)
 
     # ------------------------------------------------------------------------------- forward
     def forward(
@@ -449,8 +573,11 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             latents = batch["latent"].float() * self.vae.config.scaling_factor
         else:
             latents = self.encode_image(batch["image"], generator=device_gen)
-        prompts = self.drop_prompts(batch["prompt"], generator=generator)
-        text_embeddings, pooled = self.encode_text(prompts)
+        if "text_embeds" in batch:  # cached (data.use_cached_text): the same drop draws
+            text_embeddings, pooled = self.cached_text(batch, generator=generator)
+        else:
+            prompts = self.drop_prompts(batch["prompt"], generator=generator)
+            text_embeddings, pooled = self.encode_text(prompts)
         f = self.vae_scale_factor
         added = self.added_cond_kwargs(
             pooled, (latents.shape[-2] * f, latents.shape[-1] * f), batch
@@ -538,13 +665,29 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
             self.numerics.flag_window()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        optimizer.step(closure=optimizer_closure)
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        engine_steps = getattr(engine, "global_steps", None)
+        optimizer.step(closure=optimizer_closure)
+        if engine is not None and engine.global_steps == engine_steps:
+            # DeepSpeed accumulates itself: Lightning calls this hook for every micro-batch and
+            # the engine steps only at the window's last one, where the window (flagged or not)
+            # is accounted for. Not a skipped step, and a flag raised here must stay set.
+            return
         skipped_by_engine = engine is not None and not getattr(engine, "_step_applied", True)
         self.numerics.end_step(self.trainer.global_step, skipped_by_engine, log.info)
 
     def _uses_deepspeed(self) -> bool:
         return getattr(self.trainer.strategy, "deepspeed_engine", None) is not None
+
+    def forward_entry(self) -> Callable[..., torch.Tensor]:
+        """What runs :meth:`forward` outside a training step (sample grids, FLOP counts):
+        ``self``, or under FSDP the FSDP root wrapping it, which gathers the parameters it holds
+        itself (the stems of the branch and the UNet) before the forward; the wrapped blocks
+        gather their own. Called on ``self``, those would still be shards."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = getattr(self._trainer.strategy, "model", None) if self._trainer else None
+        return model if isinstance(model, FullyShardedDataParallel) else self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bad = [n for n, p in self.named_parameters() if p.requires_grad and not _finite(p)]
@@ -608,11 +751,12 @@ class ControlNetModule(FrozenPartsMixin, L.LightningModule):
         extra = (
             {"eta": self.hparams.eta if eta is None else eta} if sampler_is_ddim(scheduler) else {}
         )
+        forward = self.forward_entry()
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents[guided]])
             model_in = scheduler.scale_model_input(model_in, t)
             timesteps = t.expand(model_in.shape[0]).to(self.device)
-            pred = self(model_in, timesteps, text, control, added)
+            pred = forward(model_in, timesteps, text, control, added)
             pred, uncond = pred[:b], pred[b:]
             if guided:
                 pred = pred.clone()
