@@ -325,20 +325,8 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
 
 def npy_header_ndim(data: bytes | None) -> int | None:
     """Dimensions of an ``.npy`` array from its header, None if it is not one."""
-    if not data:
-        return None
-    try:
-        buf = io.BytesIO(data)
-        major, _ = np.lib.format.read_magic(buf)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if major == 1
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, _ = read(buf)
-        return len(shape)
-    except Exception:
-        return None
+    shape = npy_header_shape(data)
+    return None if shape is None else len(shape)
 
 
 def image_header_hw(data: bytes | None) -> tuple[int, int] | None:

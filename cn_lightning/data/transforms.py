@@ -1,4 +1,5 @@
-"""Paired image/condition geometry: resize, crop and flip applied identically to both.
+"""Image geometry (resize, crop boxes) and tensor conversion; the paired image/condition
+transform built on them is :func:`cn_lightning.data.buckets.bucket_transform`.
 
 All functions work on uint8 numpy arrays (H,W,C) or (H,W); tensors are made at the end:
 images in [-1, 1], conditions in [0, 1], both float32 (3,H,W).
@@ -80,29 +81,6 @@ def apply_resize_policy(
     if mode == "shorter_side":
         return resize_shorter_side(image, resolution, discrete)
     raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-
-
-def paired_transform(
-    image: np.ndarray,
-    condition: np.ndarray,
-    size: int,
-    crop: str = "center",
-    flip: bool = False,
-    rng: random.Random | None = None,
-    discrete_condition: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resize both to shorter side ``size`` and take the same crop (and flip) of each.
-
-    The caller checks that image and condition have the same size first.
-    """
-    image = resize_shorter_side(image, size)
-    condition = resize_shorter_side(condition, size, discrete_condition)
-    y, x = crop_box(image.shape[0], image.shape[1], size, crop, rng)
-    image = image[y : y + size, x : x + size]
-    condition = condition[y : y + size, x : x + size]
-    if flip and rng is not None and rng.random() < 0.5:
-        image, condition = image[:, ::-1], condition[:, ::-1]
-    return image, condition
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
