@@ -403,6 +403,14 @@ def claim_zero_conv(s: Settings) -> tuple[dict[str, Any], str, Image.Image]:
     series_rows = series_table(per, s.seeds)
     text += "\n\nHeld-out fidelity of the sample grids over training (convergence.json):\n\n"
     text += series_rows
+
+    def stage_bars(key: str) -> dict:
+        """Per variant: mean ± spread over seeds of ``key`` at each stage."""
+        return {
+            v: [mean_spread([per[v][seed]["points"][k][key] for seed in s.seeds]) for k in s.stages]
+            for v in VARIANTS
+        }
+
     figure = stack(
         [
             line_chart(
@@ -412,28 +420,12 @@ def claim_zero_conv(s: Settings) -> tuple[dict[str, Any], str, Image.Image]:
             ),
             bar_chart(
                 [f"step {k}" for k in s.stages],
-                {
-                    v: [
-                        mean_spread(
-                            [per[v][seed]["points"][k]["mean_abs_difference"] for seed in s.seeds]
-                        )
-                        for k in s.stages
-                    ]
-                    for v in VARIANTS
-                },
+                stage_bars("mean_abs_difference"),
                 "mean abs. difference to the locked backbone's samples (same noise)",
             ),
             bar_chart(
                 [f"step {k}" for k in s.stages],
-                {
-                    v: [
-                        mean_spread(
-                            [per[v][seed]["points"][k]["circle_accuracy"] for seed in s.seeds]
-                        )
-                        for k in s.stages
-                    ]
-                    for v in VARIANTS
-                },
+                stage_bars("circle_accuracy"),
                 f"circle colour = prompt's (locked backbone: {reference['circle_accuracy']:.2f})",
             ),
             image_strip(shown, conditions_from=locked),

@@ -17,25 +17,16 @@ RESIZE_MODES = ("center_crop", "shorter_side", "none")
 
 
 def resize_shorter_side(image: np.ndarray, size: int, discrete: bool = False) -> np.ndarray:
-    """Resize so the shorter side is ``size`` (aspect kept). Area filter when shrinking,
-    bilinear when enlarging, nearest for label-like (``discrete``) maps."""
-    h, w = image.shape[:2]
-    if min(h, w) == size:
-        return image
-    scale = size / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if discrete:
-        interp = cv2.INTER_NEAREST
-    else:
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, (new_w, new_h), interpolation=interp)
+    """Resize so the shorter side is ``size`` (aspect kept): :func:`resize_to_cover` of a
+    ``size`` x ``size`` square."""
+    return resize_to_cover(image, size, size, discrete)
 
 
 def resize_to_cover(
     image: np.ndarray, height: int, width: int, discrete: bool = False
 ) -> np.ndarray:
-    """Resize (aspect kept) to the smallest size that covers ``height`` x ``width``; filters as
-    in :func:`resize_shorter_side`."""
+    """Resize (aspect kept) to the smallest size that covers ``height`` x ``width``. Area filter
+    when shrinking, bilinear when enlarging, nearest for label-like (``discrete``) maps."""
     h, w = image.shape[:2]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
