@@ -1,7 +1,7 @@
 """The paper's claims, measured: zero convolutions, prompt dropping, transfer, composition.
 
     python benchmarks/paper_claims.py --claim zero_conv ucg transfer compose --seeds 0 1 2 \\
-        [--steps 1500] [--early-steps 10 50 150] [--work-dir outputs/paper_claims] \\
+        [--steps 1000] [--early-steps 10 50 150] [--work-dir outputs/paper_claims] \\
         [-- TRAIN OVERRIDES ...]
 
 Every training run is ``python -m cn_lightning.train`` and every measurement
@@ -900,7 +900,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--claim", nargs="+", choices=[*CLAIMS, "all"], required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
-        "--steps", type=int, default=1500, help="optimizer steps of every training run (1500)"
+        "--steps",
+        type=int,
+        default=1000,
+        help="optimizer steps of every training run (1000: the toy converges near 450)",
     )
     p.add_argument(
         "--early-steps",
