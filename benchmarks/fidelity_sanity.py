@@ -10,8 +10,10 @@ condition's registered extractor, and :func:`cn_lightning.metrics.condition_fide
 Model-based extractors run with random weights in their real on-disk format
 (:mod:`cn_lightning.conditions.random_weights`): no download, and the same code path as with the
 published weights, but the maps mean little, so this checks the metric, not the annotator.
-``outline`` (the circles toy) scores a target image against its own outline, ``swatch`` (its
-second condition) against its own colour swatch. ``openpose``: a
+``outline`` (the circles toy) scores a target image against its own outline, ``swatch``,
+``xline`` and ``yline`` (its composition world) against its own colour swatch and centre lines
+(a circle away from the middle, and another whose centre is at least a quarter of the image
+away: uniform noise reads as a circle in the middle). ``openpose``: a
 random-weight body network detects no one in a synthetic scene, so the pose metric is checked on
 pose maps drawn from hand-made keypoints (``draw_body_pose``): matching = the same keypoints moved
 by at most 2 px, degenerate = black and another pose.
@@ -48,6 +50,8 @@ CONDITIONS = (
     "seg",
     "outline",
     "swatch",
+    "xline",
+    "yline",
 )
 
 
@@ -150,6 +154,8 @@ def run_case(name: str, size: int, weights_dir: Path) -> Case:
         return _outline_case(size)
     if name == "swatch":
         return _swatch_case(size)
+    if name in ("xline", "yline"):
+        return _line_case(name, size)
     from cn_lightning.conditions import extract_batch
     from cn_lightning.metrics.fidelity import resolve_fidelity
 
@@ -217,6 +223,27 @@ def _swatch_case(size: int) -> Case:
     return _case("swatch", "swatch_match", names, scores)
 
 
+def _line_case(name: str, size: int) -> Case:
+    """The composition world's centre lines: a target image against its own line (its circle at
+    least a quarter of the image from the middle along the line's axis), and another sample's
+    circle at least a quarter of the image from it."""
+    from cn_lightning.conditions.lines import line_position
+    from cn_lightning.data.synthetic import line_conditions, swatch_sample
+    from cn_lightning.metrics.fidelity import condition_fidelity
+
+    def where(i: int) -> float:
+        return line_position(line_conditions(i, size, 0)[name], name)
+
+    index = next(i for i in range(64) if abs(where(i) - size / 2) >= size / 4)
+    other = next(i for i in range(64) if abs(where(i) - where(index)) >= size / 4)
+    condition = line_conditions(index, size, 0)[name]
+    target, unrelated = swatch_sample(index, size, 0)[2], swatch_sample(other, size, 0)[2]
+    names = ["black", "noise", "unrelated", "matching"]
+    images = [np.zeros_like(target), uniform_noise(1, size), unrelated, target]
+    scores = condition_fidelity(_tensor(images), _tensor([condition] * 4), name)
+    return _case(name, "line_match", names, scores)
+
+
 def _has_person(pose_map: np.ndarray) -> bool:
     from cn_lightning.conditions.pose import decode_pose_map
 
@@ -271,6 +298,7 @@ def run_all(size: int, weights_dir: Path, conditions: tuple[str, ...] = CONDITIO
 LABELS = {
     "circle_iou": "circle IoU",
     "swatch_match": "circle colour = swatch colour",
+    "line_match": "circle centre within 10% of the line",
     "edge_f1": "edge F1 (chance-corrected)",
     "ssim": "SSIM above a blank map's",
     "depth_rmse": "1 - RMSE / blank map's RMSE",

@@ -1,7 +1,7 @@
 """The paper's claims, measured: zero convolutions, prompt dropping, transfer, composition.
 
     python benchmarks/paper_claims.py --claim zero_conv ucg transfer compose --seeds 0 1 2 \\
-        [--steps 1000] [--early-steps 10 50 150] [--work-dir outputs/paper_claims] \\
+        [--steps 1500] [--early-steps 10 50 150] [--work-dir outputs/paper_claims] \\
         [-- TRAIN OVERRIDES ...]
 
 Every training run is ``python -m cn_lightning.train`` and every measurement
@@ -27,11 +27,12 @@ Claims (``--claim``; runs are shared between claims and reused when complete):
   model" (``--community``, default ``cn_lightning/assets/toy_sd_community``), vs on its own base,
   vs the community model alone (control scale 0); with the circle-colour accuracy in the
   community palette (the fine-tune still draws its own colours) and in the toy's.
-- ``compose``: a second ControlNet on the toy's second condition (``--second-train-args``,
-  default ``data=swatch``: a colour swatch that sets the circle's colour), summed with the first
-  (``evaluate --controlnet A B --control-key outline swatch``) on held-out samples that have both
-  conditions; each condition scored by its own fidelity (circle IoU, swatch colour match),
-  without prompts by default (``--compose-prompt``), for none / either / both ControlNets.
+- ``compose``: two ControlNets on two conditions (``--first-train-args`` / ``--second-train-args``,
+  default ``data=xline`` / ``data=yline``: lines through the circle's centre, each fixing one
+  coordinate), summed (``evaluate --controlnet A B --control-key xline yline``) on held-out
+  samples that have both conditions; each condition scored by its own fidelity (``line_match``:
+  the circle's centre within 10% of the image of the line), without prompts by default
+  (``--compose-prompt``), for none / either / both ControlNets.
 
 Each claim prints a Markdown table (mean ± spread over seeds: the standard deviation across
 seeds, 0 for one seed), writes ``<work dir>/paper_claims_<claim>.json`` (every number, per seed)
@@ -81,6 +82,7 @@ class Settings:
     early_steps: list[int]
     work_dir: Path
     train_args: list[str]
+    first_train_args: list[str]
     second_train_args: list[str]
     community: str | None
     community_palette: str
@@ -134,7 +136,8 @@ def train(s: Settings, name: str, seed: int) -> dict[str, Any]:
     """Train run ``name`` with ``seed`` to ``s.steps`` (resuming where it stopped); staged runs
     stop at every stage and keep the ControlNet there. Returns the run's wall times."""
     directory = run_dir(s, name, seed)
-    overrides = s.second_train_args if name == "swatch" else RUN_OVERRIDES[name]
+    compose_args = {"compose_a": s.first_train_args, "compose_b": s.second_train_args}
+    overrides = compose_args[name] if name in compose_args else RUN_OVERRIDES[name]
     stages = s.stages if name in STAGED else [s.steps]
     timing_file = directory / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
@@ -655,14 +658,14 @@ def claim_compose(s: Settings) -> tuple[dict[str, Any], str, Image.Image]:
     per: dict[int, dict[str, Any]] = {}
     shown = {}
     for seed in s.seeds:
-        timing = {"first": train(s, "zero", seed), "second": train(s, "swatch", seed)}
-        first_cfg = run_config(run_dir(s, "zero", seed))
-        second_cfg = run_config(run_dir(s, "swatch", seed))
+        timing = {"first": train(s, "compose_a", seed), "second": train(s, "compose_b", seed)}
+        first_cfg = run_config(run_dir(s, "compose_a", seed))
+        second_cfg = run_config(run_dir(s, "compose_b", seed))
         keys = (first_cfg["condition_key"], second_cfg["condition_key"])
         # Held-out samples with both conditions: the second condition's validation shards.
         common = eval_common(s, second_cfg) | {"condition_key": keys[0]}
-        a = snapshot(s, "zero", seed, s.steps)
-        b = snapshot(s, "swatch", seed, s.steps)
+        a = snapshot(s, "compose_a", seed, s.steps)
+        b = snapshot(s, "compose_b", seed, s.steps)
         settings = {
             "none (locked backbone)": ([a], [0.0], [keys[0]]),
             f"{keys[0]} only": ([a], [1.0], [keys[0]]),
@@ -902,8 +905,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument(
         "--steps",
         type=int,
-        default=1000,
-        help="optimizer steps of every training run (1000: the toy converges near 450)",
+        default=1500,
+        help="optimizer steps of every training run (1500, the quickstart's)",
     )
     p.add_argument(
         "--early-steps",
@@ -914,11 +917,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     p.add_argument("--work-dir", type=Path, default=Path("outputs/paper_claims"))
     p.add_argument(
+        "--first-train-args",
+        nargs="+",
+        default=["data=xline"],
+        help="compose: Hydra overrides of the first condition's runs (default: data=xline)",
+    )
+    p.add_argument(
         "--second-train-args",
         nargs="+",
-        default=["data=swatch", "callbacks.convergence.metric=fidelity_no_prompt"],
-        help="compose: Hydra overrides of the second condition's runs (default: data=swatch, "
-        "its convergence watched without prompts, which name the circle's colour too)",
+        default=["data=yline"],
+        help="compose: Hydra overrides of the second condition's runs (default: data=yline)",
     )
     p.add_argument(
         "--community",
@@ -957,6 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         early_steps=args.early_steps,
         work_dir=args.work_dir.resolve(),
         train_args=train_args,
+        first_train_args=args.first_train_args,
         second_train_args=args.second_train_args,
         community=args.community,
         community_palette=args.community_palette,

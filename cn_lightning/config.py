@@ -2,8 +2,8 @@
 
 ``${cn.tiny_backbone:DIR,PRESET}`` and ``${cn.circle_shards:DIR,N,SIZE[,SEED[,PALETTE]]}`` create a
 random tiny backbone and synthetic shards on first use (under a file lock, so every DDP rank can
-resolve them) and return their paths; ``${cn.swatch_shards:DIR,N,SIZE[,SEED]}`` the circles with
-the toy's second condition, a colour swatch (:mod:`cn_lightning.data.synthetic`);
+resolve them) and return their paths; ``${cn.swatch_shards:DIR,N,SIZE[,SEED]}`` the circles of
+the composition world (a colour swatch and centre lines too, :mod:`cn_lightning.data.synthetic`);
 ``${cn.asset:NAME}`` is a model shipped in ``cn_lightning/assets``.
 """
 
@@ -45,7 +45,8 @@ def circle_shards(
 
 
 def swatch_shards(out: str, num_samples: int = 2000, size: int = 64, seed: int = 0) -> str:
-    """Circle shards with both conditions, ``outline`` and ``swatch`` (the circle's colour)."""
+    """Circle shards of the composition world: ``outline``, ``swatch`` (the circle's colour),
+    ``xline`` and ``yline`` (lines through its centre)."""
     from cn_lightning.data.synthetic import ensure_shards
 
     out = os.path.expanduser(out)

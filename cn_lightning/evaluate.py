@@ -85,7 +85,7 @@ def build_parser() -> ArgumentParser:
         "--control-key",
         nargs="+",
         help="the shard condition each ControlNet reads (default: --condition-key, the scored "
-        "one), e.g. --controlnet CN_OUTLINE CN_SWATCH --control-key outline swatch",
+        "one), e.g. --controlnet CN_X CN_Y --control-key xline yline",
     )
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     p.add_argument(

@@ -7,12 +7,14 @@ Centres and radii are random and circles may cross the border. Sample ``i`` depe
 
     python -m data_prep.synthetic_circles --out data/circles --num-samples 50000 --size 512
     python -m data_prep.synthetic_circles --out data/fill50k_like --layout fill50k ...
-    python -m data_prep.synthetic_circles --out data/swatch --swatch ...     # + swatch.png
+    python -m data_prep.synthetic_circles --out data/compose --swatch ...  # + swatch, x/yline
     python -m data_prep.synthetic_circles --out data/community --palette community ...
 
-``--swatch`` adds the second condition, ``<key>.swatch.png`` (an image filled with the circle's
-colour; the circle then lies fully inside the image); ``--palette community`` draws the prompts'
-colour names in the toy community model's palette (a permutation of the colours).
+``--swatch`` writes the composition world: the circle lies fully inside the image, and next to
+the outline come ``<key>.swatch.png`` (an image filled with the circle's colour) and
+``<key>.xline.png`` / ``<key>.yline.png`` (lines through its centre). ``--palette community``
+draws the prompts' colour names in the toy community model's palette (a permutation of the
+colours).
 
 The generator itself lives in :mod:`cn_lightning.data.synthetic`.
 """
@@ -55,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--swatch",
         action="store_true",
-        help="also write the swatch condition (<key>.swatch.png: the circle's colour)",
+        help="the composition world: circles inside, plus <key>.swatch.png (the circle's colour), "
+        "<key>.xline.png and <key>.yline.png (lines through its centre)",
     )
     parser.add_argument(
         "--layout",

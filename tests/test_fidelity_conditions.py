@@ -49,6 +49,8 @@ EXPECTED_METRIC = {
     "seg": "seg_miou",
     "outline": "circle_iou",
     "swatch": "swatch_match",
+    "xline": "line_match",
+    "yline": "line_match",
 }
 
 

@@ -1,6 +1,7 @@
-"""The machinery of the paper's claims (issue 15): the toy's second condition (a colour swatch),
-the community palette, composing ControlNets in ``evaluate``, the community fine-tune command,
-and the benchmark's helpers. The measurements themselves are the slow tests at the end."""
+"""The machinery of the paper's claims (issue 15): the toy's composition world (a colour swatch
+and lines through the circle's centre), the community palette, composing ControlNets in
+``evaluate``, the community fine-tune command and the benchmark's helpers. The measurements
+themselves are the slow tests at the end."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from cn_lightning.config import asset
 from cn_lightning.data.synthetic import (
     PALETTES,
     circle_sample,
+    line_conditions,
     swatch_sample,
     world_settings,
 )
@@ -97,36 +99,87 @@ def test_swatch_fidelity_scores_the_circle_colour():
     assert torch.equal(scores["fidelity"], scores["swatch_match"])
 
 
-def test_data_prep_writes_the_swatch_condition(tmp_path):
+def test_centre_lines_fix_one_coordinate_and_the_extractors_read_them_back():
+    from cn_lightning.conditions.lines import line_position
+
+    assert {"xline", "yline"} <= set(list_extractors())
+    for i in range(64):
+        outline, _, target, _ = swatch_sample(i, 32, 0)
+        lines = line_conditions(i, 32, 0)
+        ys, xs = np.nonzero(outline)
+        centre = {"xline": (xs.min() + xs.max()) / 2, "yline": (ys.min() + ys.max()) / 2}
+        for key, line in lines.items():
+            assert line.shape == (32, 32, 3) and set(np.unique(line)) == {0, 255}
+            # A line along one axis: every row (xline) or column (yline) the same.
+            assert (line == (line[:1] if key == "xline" else line[:, :1])).all()
+            assert abs(line_position(line, key) - centre[key]) <= 0.5
+            assert np.array_equal(get_extractor(key)(target), line), (i, key)
+    # A flat image has no circle: a black map, no position.
+    flat = np.full((32, 32, 3), 200, np.uint8)
+    assert not get_extractor("xline")(flat).any()
+
+
+def test_line_fidelity_scores_the_circle_centre():
+    from cn_lightning.data.synthetic import _draw
+
+    assert fidelity_metric_for("xline") == fidelity_metric_for("yline") == "line_match"
+    condition = line_conditions(0, 32, 0)
+    _, _, target, _ = swatch_sample(0, 32, 0)
+    x = int(get_extractor("xline")(target)[0, :, 0].nonzero()[0].mean() + 0.5)
+    y = int(get_extractor("yline")(target)[:, 0, 0].nonzero()[0].mean() + 0.5)
+    # The same circle moved 2 px along y keeps its x line (within 10%), and 8 px misses it.
+    near = _draw(32, (x, min(31, y + 2)), 6, (255, 0, 0), (0, 0, 255))[1]
+    far = _draw(32, (min(31, x + 8) if x < 20 else x - 8, y), 6, (255, 0, 0), (0, 0, 255))[1]
+    flat = np.full((32, 32, 3), 90, np.uint8)
+    images = _tensor([target, near, far, flat])
+    xs = condition_fidelity(images, _tensor([condition["xline"]] * 4), "xline")
+    assert xs["line_match"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert xs["line_distance"][0] <= 0.5 / 32 and xs["line_distance"][2] >= 7 / 32
+    assert math.isnan(xs["line_distance"][3])
+    assert torch.equal(xs["fidelity"], xs["line_match"])
+    ys = condition_fidelity(images[:1], _tensor([condition["yline"]]), "yline")
+    assert ys["line_match"].tolist() == [1.0]
+
+
+def test_data_prep_writes_the_composition_world(tmp_path):
     from cn_lightning.data import ShardDataModule
     from data_prep.synthetic_circles import main
 
     main(["--out", str(tmp_path), "--num-samples", "6", "--size", "32", "--swatch"])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["condition_types"] == ["outline", "swatch"]
-    assert manifest["settings"] == {"seed": 0, "size": 32, "swatch": True}
-    dm = ShardDataModule(
-        train_shards=str(tmp_path), condition_key="swatch", resolution=32, num_workers=0
-    )
-    dm.setup("fit")
-    batch = next(iter(dm.build_train_dataset(0, 1)))
-    flat = batch["condition"].flatten(2)
+    conditions = ["outline", "swatch", "xline", "yline"]
+    assert manifest["condition_types"] == conditions
+    assert manifest["settings"] == {"seed": 0, "size": 32, "swatch": True, "conditions": conditions}
+    batches = {}
+    for key in conditions[1:]:
+        dm = ShardDataModule(
+            train_shards=str(tmp_path), condition_key=key, resolution=32, num_workers=0
+        )
+        dm.setup("fit")
+        batches[key] = next(iter(dm.build_train_dataset(0, 1)))
+    flat = batches["swatch"]["condition"].flatten(2)
     assert torch.equal(flat.min(-1).values, flat.max(-1).values)  # every swatch is one colour
+    for key in ("xline", "yline"):
+        keys = batches[key]["key"]
+        expected = [line_conditions(int(k), 32, 0)[key] for k in keys]
+        got = (batches[key]["condition"].permute(0, 2, 3, 1).numpy() * 255).round()
+        assert np.array_equal(got.astype(np.uint8), np.stack(expected))
 
 
-def test_swatch_data_config_composes():
+@pytest.mark.parametrize("data", ["swatch", "xline", "yline"])
+def test_composition_data_configs_compose(data):
     from hydra import compose, initialize_config_dir
 
     from cn_lightning.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["data=swatch"])
+        cfg = compose("train", overrides=[f"data={data}"])
     from omegaconf import OmegaConf
 
-    data = OmegaConf.to_container(cfg.data, resolve=False)  # resolving would write the shards
-    assert data["condition_key"] == "swatch" and data["resolution"] == 32
-    assert "cn.swatch_shards" in data["val_shards"] and data["resampled"] is False
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=False)  # resolving would write shards
+    assert data_cfg["condition_key"] == data and data_cfg["resolution"] == 32
+    assert "cn.swatch_shards" in data_cfg["val_shards"] and data_cfg["resampled"] is False
 
 
 # --------------------------------------------------------------------- composing ControlNets
@@ -309,7 +362,8 @@ def test_stages_and_arguments():
         early_steps=[10, 40],
         work_dir=Path("w"),
         train_args=[],
-        second_train_args=["data=swatch"],
+        first_train_args=["data=xline"],
+        second_train_args=["data=yline"],
         community=None,
         community_palette="community",
         eval_steps=2,
@@ -339,29 +393,34 @@ def test_colour_accuracy_reads_saved_images(tmp_path):
 
 
 # ------------------------------------------------------------------ the claims, measured (slow)
-SEEDS = (0, 1, 2)
+# The seeds of a fresh measurement ($CN_PAPER_CLAIMS_SEEDS, e.g. "3 4 5"); a measurement read from
+# $CN_PAPER_CLAIMS_DIR is judged on whichever seeds it has (at least three).
+SEEDS = tuple(int(x) for x in os.environ.get("CN_PAPER_CLAIMS_SEEDS", "0 1 2").split())
 
 
 @pytest.fixture(scope="session")
 def claims_dir(tmp_path_factory) -> Path:
     """Where the benchmark's runs and numbers live: ``$CN_PAPER_CLAIMS_DIR`` (e.g. the work dir
     behind the README's tables, whose JSONs are then read as they are), else a new directory
-    (the benchmark then trains and evaluates everything: hours on a CPU)."""
+    (the benchmark then trains and evaluates everything: about an hour per seed on 2 CPU
+    cores)."""
     given = os.environ.get("CN_PAPER_CLAIMS_DIR")
     return Path(given) if given else tmp_path_factory.mktemp("paper_claims")
 
 
-def measured(claim: str, work_dir: Path) -> dict:
+def measured(claim: str, work_dir: Path) -> tuple[dict, list[str]]:
+    """The claim's JSON (measured now if ``work_dir`` has none) and its seeds (as JSON keys)."""
     path = work_dir / f"paper_claims_{claim}.json"
     if not path.exists():
         cmd = [sys.executable, str(BENCHMARK), "--claim", claim, "--seeds", *map(str, SEEDS)]
         subprocess.run([*cmd, "--work-dir", str(work_dir)], check=True, cwd=ROOT)
     result = json.loads(path.read_text())
-    assert result["seeds"] == list(SEEDS), "the slow tests judge the three-seed measurement"
-    return result
+    seeds = [str(s) for s in result["seeds"]]
+    assert len(seeds) >= 3, f"the slow tests judge a measurement over 3 or more seeds: {seeds}"
+    return result, seeds
 
 
-def assert_above(high, low, what: str) -> None:
+def clearly_above(high, low) -> bool:
     """``high`` above ``low`` in every seed, and their mean difference more than twice its
     standard error over the seeds: a margin measured over seeds, not a threshold chosen on one
     (``low`` may be one number, a measurement without seeds such as the locked backbone's)."""
@@ -369,44 +428,74 @@ def assert_above(high, low, what: str) -> None:
     low = np.broadcast_to(np.asarray(low, dtype=np.float64), high.shape)
     diff = high - low
     se = diff.std(ddof=1) / math.sqrt(len(diff))
-    assert (diff > 0).all() and diff.mean() > 2 * se, f"{what}: {high} vs {low}"
+    return bool((diff > 0).all() and diff.mean() > 2 * se)
+
+
+def assert_above(high, low, what: str) -> None:
+    assert clearly_above(high, low), f"{what}: {high} vs {low}"
+
+
+def test_assert_above_needs_every_seed_and_a_margin():
+    assert_above([0.5, 0.6, 0.55], [0.1, 0.2, 0.15], "clear")
+    assert_above([0.5, 0.6, 0.55], 0.1, "against one number")
+    with pytest.raises(AssertionError):
+        assert_above([0.5, 0.05, 0.55], 0.1, "one seed the other way")
+    with pytest.raises(AssertionError):
+        assert_above([0.11, 0.9, 0.12], 0.1, "every seed above, but within noise")
 
 
 @pytest.mark.slow
 def test_zero_convolutions_keep_the_backbone_at_the_start(claims_dir):
-    r = measured("zero_conv", claims_dir)
+    r, seeds = measured("zero_conv", claims_dir)
     runs, locked = r["runs"], r["locked_backbone"]
-    first_steps = [str(k) for k in r["early_steps"] if k > 0][:1]
+    first = str(r["early_steps"][1])
 
     def at(variant: str, step: str, key: str) -> list[float]:
-        return [runs[variant][str(s)]["points"][step][key] for s in SEEDS]
+        return [runs[variant][s]["points"][step][key] for s in seeds]
+
+    def over_training(variant: str) -> list[float]:
+        """The mean of each run's sample-grid fidelity series: how soon and how well it learnt."""
+        return [float(np.mean([f for _, f in runs[variant][s]["series"]])) for s in seeds]
 
     # Zero convolutions: exactly the locked backbone at step 0, every seed.
-    assert at("zero", "0", "mean_abs_difference") == [0.0] * len(SEEDS)
-    assert at("zero", "0", "circle_accuracy") == [locked["circle_accuracy"]] * len(SEEDS)
+    assert at("zero", "0", "mean_abs_difference") == [0.0] * len(seeds)
+    assert at("zero", "0", "circle_accuracy") == [locked["circle_accuracy"]] * len(seeds)
     for variant in ("gaussian", "none"):
-        differs = at(variant, "0", "mean_abs_difference")
-        assert_above(differs, at("zero", "0", "mean_abs_difference"), f"{variant} step 0 MAD")
+        zero_mad, mad = (
+            at("zero", "0", "mean_abs_difference"),
+            at(variant, "0", "mean_abs_difference"),
+        )
+        assert_above(mad, zero_mad, f"{variant} step-0 difference to the backbone")
         accuracy = at("zero", "0", "circle_accuracy")
         assert_above(accuracy, at(variant, "0", "circle_accuracy"), f"{variant} step-0 colours")
-        for step in first_steps:
-            mad_zero = at("zero", step, "mean_abs_difference")
-            mad = at(variant, step, "mean_abs_difference")
-            assert_above(mad, mad_zero, f"{variant} MAD at step {step}")
+        zero_mad, mad = (
+            at("zero", first, "mean_abs_difference"),
+            at(variant, first, "mean_abs_difference"),
+        )
+        assert_above(mad, zero_mad, f"{variant} difference to the backbone at step {first}")
+        # "Perform poorly": zero convolutions follow the condition sooner.
+        assert_above(over_training("zero"), over_training(variant), f"{variant} fidelity series")
 
 
 @pytest.mark.slow
-def test_empty_prompts_make_the_branch_read_the_condition(claims_dir):
-    runs = measured("ucg", claims_dir)["runs"]
-    half = [runs["0.5"][str(s)]["fidelity_no_prompt"] for s in SEEDS]
-    never = [runs["0.0"][str(s)]["fidelity_no_prompt"] for s in SEEDS]
-    assert_above(half, never, "fidelity with an empty prompt, ucg 0.5 vs 0.0")
+def test_empty_prompts_and_the_branch(claims_dir):
+    r, seeds = measured("ucg", claims_dir)
+    half = [r["runs"]["0.5"][s]["fidelity_no_prompt"] for s in seeds]
+    never = [r["runs"]["0.0"][s]["fidelity_no_prompt"] for s in seeds]
+    locked = r["locked_backbone"]["fidelity_no_prompt"]
+    # With either rate the branch reads the condition without a prompt ...
+    assert_above(half, locked, "ucg 0.5, empty prompt, vs the locked backbone")
+    assert_above(never, locked, "ucg 0.0, empty prompt, vs the locked backbone")
+    # ... and in the toy, whose prompts say nothing about the circle's place, 50% empty prompts
+    # do not do better (README: "The paper's claims, measured"). Should they start to, the
+    # README's finding is out of date.
+    assert not clearly_above(half, never), f"ucg 0.5 now beats 0.0: {half} vs {never}"
 
 
 @pytest.mark.slow
 def test_a_controlnet_transfers_to_the_fine_tuned_base(claims_dir):
-    r = measured("transfer", claims_dir)
-    on_community = [r["runs"][str(s)]["community base"] for s in SEEDS]
+    r, seeds = measured("transfer", claims_dir)
+    on_community = [r["runs"][s]["community base"] for s in seeds]
     alone = r["alone"]["community alone"]["fidelity"]
     assert_above([p["fidelity"] for p in on_community], alone, "fidelity vs the fine-tune alone")
     # ... and the fine-tune keeps drawing its own colours under control.
@@ -419,14 +508,15 @@ def test_a_controlnet_transfers_to_the_fine_tuned_base(claims_dir):
 
 @pytest.mark.slow
 def test_two_controlnets_compose_by_addition(claims_dir):
-    runs = measured("compose", claims_dir)["runs"]
-    settings = runs[str(SEEDS[0])]["settings"]
+    r, seeds = measured("compose", claims_dir)
+    runs = r["runs"]
+    settings = runs[seeds[0]]["settings"]
     names = list(settings)  # none, outline only, swatch only, outline + swatch
     none, first_only, second_only, both = names
     first_key, second_key = list(settings[both])
 
     def score(name: str, key: str) -> list[float]:
-        return [runs[str(s)]["settings"][name][key] for s in SEEDS]
+        return [runs[s]["settings"][name][key] for s in seeds]
 
     assert_above(score(both, first_key), score(second_only, first_key), f"{both}: {first_key}")
     assert_above(score(both, second_key), score(first_only, second_key), f"{both}: {second_key}")

@@ -7,7 +7,7 @@ a ``batch_size``, and map many images at once with ``.batch(images)``.
 """
 
 # Importing these registers the built-ins.
-from cn_lightning.conditions import classical, colour, depth, edges, pose, seg  # noqa: F401
+from cn_lightning.conditions import classical, colour, depth, edges, lines, pose, seg  # noqa: F401
 from cn_lightning.conditions.base import (
     MissingWeightsError,
     ModelExtractor,

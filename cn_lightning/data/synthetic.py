@@ -11,10 +11,12 @@ Two variants of the world (both off by default, so existing shards stay valid):
 - ``palette="community"`` (:data:`PALETTES`): the prompts' colour names are drawn in other
   palette colours (a fixed permutation, :func:`community_palette`): the data a toy "community
   model" is fine-tuned on (``python -m cn_lightning.pretrain_toy --config-name finetune_toy``).
-- ``swatch=True``: a second condition, ``<key>.swatch.png``, an image filled with the circle's
-  colour (:mod:`cn_lightning.conditions.colour`), next to the outline; the circle then lies
-  fully inside the image (radius 15-35% of the size), so its colour can always be read back.
-  A ControlNet trained on it sets the circle's colour; with the outline one, the two compose.
+- ``swatch=True``: the composition world. The circle lies fully inside the image (radius 15-35%
+  of the size), so its colour and centre can always be read back, and each sample has three
+  more conditions next to the outline: ``<key>.swatch.png``, an image filled with the circle's
+  colour (:mod:`cn_lightning.conditions.colour`), and ``<key>.xline.png`` / ``<key>.yline.png``,
+  lines through the circle's centre (:mod:`cn_lightning.conditions.lines`). ControlNets on the
+  two lines, summed, place the circle at both coordinates: the paper's composition by addition.
 
 The command line is ``python -m data_prep.synthetic_circles``; the quickstart's ``prepare:``
 config entry calls :func:`ensure_shards`.
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from cn_lightning.atomic import write_json_atomic, write_text_atomic
 from cn_lightning.conditions.colour import COLOURS, MIN_DISTANCE, swatch_image
+from cn_lightning.conditions.lines import centre_line
 from cn_lightning.data.format import encode_image, read_manifest
 from cn_lightning.data.shard_writer import PrepConfig, RunSummary, SampleMaker, run_shards
 from cn_lightning.data.transforms import apply_resize_policy
@@ -39,6 +42,8 @@ from cn_lightning.data.transforms import apply_resize_policy
 _NAMES = sorted(COLOURS)
 CONDITION = "outline"
 SWATCH = "swatch"
+# The composition world's conditions besides the outline (``swatch=True``).
+COMPOSITION_CONDITIONS = (SWATCH, "xline", "yline")
 # The community palette's shift in the sorted colour names (see community_palette).
 COMMUNITY_SHIFT = 5
 
@@ -103,28 +108,44 @@ def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return float(np.linalg.norm(np.subtract(a, b, dtype=np.float64)))
 
 
-def swatch_sample(
-    index: int, size: int, seed: int, palette: str = "toy"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Sample ``index`` of the two-condition world: (outline uint8 (size, size), swatch uint8 RGB
-    (size, size, 3) filled with the circle's colour, target uint8 RGB, prompt).
-
-    The circle lies fully inside the image, its radius 15-35% of the size, so its colour can be
-    read back from any sample that draws it, and its colour and the background's are at least
-    :data:`~cn_lightning.conditions.colour.MIN_DISTANCE` apart (gold on orange would read as
-    no circle at all)."""
-    colours = _palette(palette)
+def _composition_geometry(
+    index: int, size: int, seed: int
+) -> tuple[str, str, int, tuple[int, int]]:
+    """(circle colour name, background colour name, radius, centre) of sample ``index`` of the
+    composition world: the circle fully inside, its radius 15-35% of the size, its colour and
+    the background's at least :data:`~cn_lightning.conditions.colour.MIN_DISTANCE` apart in
+    the toy palette (gold on orange would read as no circle at all)."""
     rng = np.random.default_rng([seed, index, 2])
     fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
-    while _distance(colours[_NAMES[fg]], colours[_NAMES[bg]]) < MIN_DISTANCE:
+    while _distance(COLOURS[_NAMES[fg]], COLOURS[_NAMES[bg]]) < MIN_DISTANCE:
         fg, bg = rng.choice(len(_NAMES), size=2, replace=False)
     radius = int(rng.integers(max(2, int(size * 0.15)), max(3, int(size * 0.35)) + 1))
     # Inside with a 2 px margin: no part of the circle (or its anti-aliased rim) on the border.
     low, high = radius + 2, max(radius + 3, size - radius - 2)
     centre = (int(rng.integers(low, high)), int(rng.integers(low, high)))
-    fg_rgb = colours[_NAMES[fg]]
-    outline, target = _draw(size, centre, radius, fg_rgb, colours[_NAMES[bg]])
-    return outline, swatch_image(fg_rgb, size, size), target, circle_prompt(_NAMES[fg], _NAMES[bg])
+    return _NAMES[fg], _NAMES[bg], radius, centre
+
+
+def swatch_sample(
+    index: int, size: int, seed: int, palette: str = "toy"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Sample ``index`` of the composition world: (outline uint8 (size, size), swatch uint8 RGB
+    (size, size, 3) filled with the circle's colour, target uint8 RGB, prompt). See
+    :func:`_composition_geometry`; :func:`line_conditions` gives its centre lines."""
+    colours = _palette(palette)
+    fg, bg, radius, centre = _composition_geometry(index, size, seed)
+    outline, target = _draw(size, centre, radius, colours[fg], colours[bg])
+    return outline, swatch_image(colours[fg], size, size), target, circle_prompt(fg, bg)
+
+
+def line_conditions(index: int, size: int, seed: int) -> dict[str, np.ndarray]:
+    """The centre lines of sample ``index`` of the composition world: ``{"xline", "yline"}`` ->
+    uint8 RGB (size, size, 3) (:func:`cn_lightning.conditions.lines.centre_line`)."""
+    _, _, _, (x, y) = _composition_geometry(index, size, seed)
+    return {
+        "xline": centre_line(x, size, size, "xline"),
+        "yline": centre_line(y, size, size, "yline"),
+    }
 
 
 def circle_prompt(circle: str, background: str) -> str:
@@ -142,11 +163,12 @@ def world_settings(seed: int, size: int, palette: str = "toy", swatch: bool = Fa
         settings["palette"] = palette
     if swatch:
         settings["swatch"] = True
+        settings["conditions"] = [CONDITION, *COMPOSITION_CONDITIONS]
     return settings
 
 
 def condition_types(swatch: bool = False) -> list[str]:
-    return [CONDITION, SWATCH] if swatch else [CONDITION]
+    return [CONDITION, *COMPOSITION_CONDITIONS] if swatch else [CONDITION]
 
 
 @dataclass
@@ -195,7 +217,12 @@ class CircleMaker(SampleMaker):
             # A flat colour: resizing keeps it flat (nearest neighbour keeps it exact).
             h, w = outline.shape[:2]
             sample[f"{SWATCH}.png"] = encode_image(swatch_image(swatch[0, 0], h, w), "png")
-            meta["conditions"] = [CONDITION, SWATCH]
+            for key, line in line_conditions(item, self.size, self.seed).items():
+                line = apply_resize_policy(line, self.resolution, self.resize)
+                sample[f"{key}.png"] = encode_image(
+                    np.where(line > 127, 255, 0).astype(np.uint8), "png"
+                )
+            meta["conditions"] = condition_types(True)
             sample["json"] = json.dumps(meta)
         return sample
 

@@ -11,6 +11,7 @@ condition              metric           keys (per sample; ``fidelity`` is the [0
 =====================  ===============  ======================================================
 outline (toy circles)  ``circle_iou``   ``circle_iou`` (= fidelity)
 swatch (toy circles)   ``swatch_match`` ``swatch_match`` (= fidelity), ``swatch_distance``
+xline, yline (toy)     ``line_match``   ``line_match`` (= fidelity), ``line_distance``
 canny, mlsd, scribble  ``edge_f1``      ``edge_f1`` (= fidelity), ``edge_precision``,
                                         ``edge_recall`` (chance-corrected), ``edge_f1_px``
 hed, softedge,         ``ssim``         ``ssim`` (raw); fidelity = gain over a blank map
@@ -38,6 +39,12 @@ condition with no structure (a flat map). The raw number stays under its own key
   whole image when it shows no circle); ``swatch_match`` is 1 when it and the condition's colour
   have the same nearest toy-palette colour (of 32), else 0; ``swatch_distance`` is their RGB
   distance over the largest possible one (0 = the same colour, 1 = black against white).
+- ``line_match`` (the toy's position conditions, a line through the circle's centre along one
+  axis, :mod:`cn_lightning.conditions.lines`): the extractor finds the generated circle's centroid
+  and draws its line; ``line_match`` is 1 when the two lines lie within :data:`LINE_TOLERANCE`
+  of the image's size (3.2 px at 32 px: a third of a typical radius), else 0 (also when the
+  sample shows no circle); ``line_distance`` is their distance over the image's size (NaN
+  without a circle).
 - ``edge_f1`` (binary line maps): both maps are thresholded at half intensity; a pixel matches
   within ``tolerance`` px (Chebyshev distance; default 1 px per 512 px of the longer side, at
   least 1). Precision and recall are **chance-corrected**: a random map of the same density
@@ -86,6 +93,7 @@ from cn_lightning.errors import UnknownNameError, first_line
 
 CIRCLE_KEYS = ("outline",)
 SWATCH_KEYS = ("swatch",)
+LINE_KEYS = ("xline", "yline")
 EDGE_KEYS = ("canny", "mlsd", "scribble")
 SOFT_EDGE_KEYS = ("hed", "softedge", "lineart", "pidi")
 DEPTH_KEYS = ("depth",)
@@ -97,6 +105,7 @@ SEG_KEYS = ("seg",)
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "circle_iou": ("fidelity", "circle_iou"),
     "swatch_match": ("fidelity", "swatch_match", "swatch_distance"),
+    "line_match": ("fidelity", "line_match", "line_distance"),
     "edge_f1": ("fidelity", "edge_f1", "edge_precision", "edge_recall", "edge_f1_px"),
     "ssim": ("fidelity", "ssim"),
     "depth_rmse": ("fidelity", "depth_rmse"),
@@ -110,6 +119,8 @@ KEY_LABELS: dict[str, str] = {
     "circle_iou": "circle IoU",
     "swatch_match": "circle colour = swatch colour (nearest of the 32 toy colours)",
     "swatch_distance": "RGB distance of circle and swatch colours, 0-1",
+    "line_match": "circle centre within 10% of the image of the line",
+    "line_distance": "distance of circle centre and line / image size",
     "edge_f1": "F1, chance-corrected, 1 px tolerance per 512 px",
     "edge_precision": "precision, chance-corrected",
     "edge_recall": "recall, chance-corrected",
@@ -127,6 +138,8 @@ FIDELITY_LABELS: dict[str, str] = {
     "normal_angle": "score: share within 30 degrees, gain over a blank map",
 }
 NORMAL_THRESHOLD_DEG = 30.0
+# line_match: the largest distance of the two lines, as a share of the image's size.
+LINE_TOLERANCE = 0.1
 # Two colour clusters closer than this (RGB distance, images in [0, 1]) mean "one flat colour":
 # the generated image then shows no shape at all.
 MIN_CLUSTER_CONTRAST = 0.1
@@ -150,6 +163,8 @@ def fidelity_metric_for(condition_key: str) -> str:
         return "circle_iou"
     if key in SWATCH_KEYS:
         return "swatch_match"
+    if key in LINE_KEYS:
+        return "line_match"
     if key in SEG_KEYS:
         return "seg_miou"
     if key in EDGE_KEYS:
@@ -313,6 +328,8 @@ def score_condition_maps(
         out = {"fidelity": miou.clamp(0, 1), "seg_miou": miou}
     elif metric == "swatch_match":
         out = swatch_scores(extracted, condition)
+    elif metric == "line_match":
+        out = line_scores(extracted, condition)
     else:
         raise ValueError(f"unknown fidelity metric {metric!r}; known: {', '.join(METRICS)}")
     return {k: out[k].float() for k in METRIC_KEYS[metric]}
@@ -342,6 +359,31 @@ def swatch_scores(extracted: Sequence[np.ndarray], condition: Sequence[np.ndarra
         "fidelity": match_t,
         "swatch_match": match_t,
         "swatch_distance": torch.from_numpy(distance).float(),
+    }
+
+
+# ---------------------------------------------------------------------------- line match
+def line_scores(extracted: Sequence[np.ndarray], condition: Sequence[np.ndarray]) -> dict:
+    """Agreement of line maps (uint8, one white line each, vertical or horizontal as the
+    condition's): ``line_match`` (1 when within :data:`LINE_TOLERANCE` of the size, else 0;
+    = ``fidelity``) and ``line_distance`` (over the size; NaN for a map with no line), (B,)."""
+    from cn_lightning.conditions.lines import line_position
+
+    match, distance = [], []
+    for made, wanted in zip(extracted, condition, strict=True):
+        grey = _grey(np.asarray(wanted)).astype(np.float32)
+        # The condition's line runs along the axis on which its profile is flat.
+        axis = "xline" if grey.mean(0).max() >= grey.mean(1).max() else "yline"
+        size = grey.shape[1] if axis == "xline" else grey.shape[0]
+        a, b = line_position(made, axis), line_position(wanted, axis)
+        d = math.nan if a is None or b is None else abs(a - b) / size
+        distance.append(d)
+        match.append(float(not math.isnan(d) and d <= LINE_TOLERANCE))
+    match_t = torch.tensor(match, dtype=torch.float32)
+    return {
+        "fidelity": match_t,
+        "line_match": match_t,
+        "line_distance": torch.tensor(distance, dtype=torch.float32),
     }
 
 
@@ -849,5 +891,6 @@ __all__ = [
     "seg_miou",
     "ssim_score",
     "swatch_scores",
+    "line_scores",
     "try_resolve_fidelity",
 ]
