@@ -93,6 +93,11 @@ class Settings:
     accelerator: str
     compose_prompt: str
     env: dict[str, str] = field(default_factory=dict)
+    # What the current claim's runs and evaluations took, cached ones included (each once):
+    # "train" / "evaluate" -> {run or evaluation: seconds}.
+    spent: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {"train": {}, "evaluate": {}}
+    )
 
     @property
     def stages(self) -> list[int]:
@@ -163,6 +168,7 @@ def train(s: Settings, name: str, seed: int) -> dict[str, Any]:
         timing[f"stage_{stage}_s"] = round(call(cmd, s.env, directory / "benchmark.log"), 1)
         shutil.copytree(directory / "controlnet", snapshot(s, name, seed, stage))
         timing_file.write_text(json.dumps(timing, indent=2))
+    s.spent["train"][directory.name] = float(sum(timing.values()))
     return timing
 
 
@@ -243,12 +249,16 @@ def evaluate(
     done = sorted((s.work_dir / "evals").glob(f"*-{digest}/report.json"))
     out = done[0].parent if done else s.work_dir / "evals" / f"{label}-{digest}"
     report_path = out / "report.json"
+    wall_file = out / "benchmark_wall_s.txt"
     if not report_path.exists():
-        call(
+        wall = call(
             [sys.executable, "-m", "cn_lightning.evaluate", *args, "--out", str(out)],
             s.env,
             s.work_dir / "evals" / f"{label}-{digest}.log",
         )
+        wall_file.write_text(f"{wall:.1f}\n")
+    if wall_file.exists():
+        s.spent["evaluate"][out.name] = float(wall_file.read_text())
     report = json.loads(report_path.read_text())
     report["out"] = str(out)
     return report
@@ -980,7 +990,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.work_dir.mkdir(parents=True, exist_ok=True)
     for claim in claims:
         start = time.perf_counter()
+        s.spent = {"train": {}, "evaluate": {}}
         numbers, text, figure = CLAIM_FUNCTIONS[claim](s)
+        compute = {kind: round(sum(v.values()), 1) for kind, v in s.spent.items()}
+        text += (
+            f"\n\nCompute: training {compute['train'] / 60:.1f} min "
+            f"({len(s.spent['train'])} runs), evaluation {compute['evaluate'] / 60:.1f} min "
+            f"({len(s.spent['evaluate'])} evaluations), cached ones included."
+        )
         payload = {
             "claim": claim,
             "seeds": s.seeds,
@@ -989,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train_args": s.train_args,
             "eval_steps": s.eval_steps,
             "wall_s": round(time.perf_counter() - start, 1),
+            "compute_s": compute,
             "table": text,
             **numbers,
         }

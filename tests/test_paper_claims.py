@@ -478,7 +478,7 @@ def test_zero_convolutions_keep_the_backbone_at_the_start(claims_dir):
 
 
 @pytest.mark.slow
-def test_empty_prompts_and_the_branch(claims_dir):
+def test_the_branch_reads_the_condition_without_a_prompt(claims_dir):
     r, seeds = measured("ucg", claims_dir)
     half = [r["runs"]["0.5"][s]["fidelity_no_prompt"] for s in seeds]
     never = [r["runs"]["0.0"][s]["fidelity_no_prompt"] for s in seeds]
@@ -486,10 +486,8 @@ def test_empty_prompts_and_the_branch(claims_dir):
     # With either rate the branch reads the condition without a prompt ...
     assert_above(half, locked, "ucg 0.5, empty prompt, vs the locked backbone")
     assert_above(never, locked, "ucg 0.0, empty prompt, vs the locked backbone")
-    # ... and in the toy, whose prompts say nothing about the circle's place, 50% empty prompts
-    # do not do better (README: "The paper's claims, measured"). Should they start to, the
-    # README's finding is out of date.
-    assert not clearly_above(half, never), f"ucg 0.5 now beats 0.0: {half} vs {never}"
+    # The paper's advantage of 0.5 over 0.0 had no consistent sign over seeds in the toy (README:
+    # "The paper's claims, measured"), so no direction is asserted for it.
 
 
 @pytest.mark.slow
