@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment and a tiny Stable Diffusion model on disk."""
+"""Shared fixtures: offline environment and tiny Stable Diffusion models (SD, SDXL) on disk."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def tiny_sd_path(tmp_path_factory) -> str:
     from cn_lightning.models.tiny import write_tiny_backbone
 
     return str(write_tiny_backbone(tmp_path_factory.mktemp("models") / "tiny_sd", preset="test"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> str:
+    """A tiny SDXL model in diffusers layout (both text encoders), written once."""
+    from cn_lightning.models.tiny import write_tiny_backbone
+
+    path = tmp_path_factory.mktemp("models") / "tiny_sdxl"
+    return str(write_tiny_backbone(path, preset="sdxl-test"))
 
 
 @pytest.fixture(scope="session")

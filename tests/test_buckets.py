@@ -422,16 +422,13 @@ def test_prep_with_shorter_side_inspect_and_train_in_buckets(tmp_path, capsys):
     assert got["wide"]["crop_top_left"].tolist() == [[0, 10]]
 
 
-def test_sdxl_time_ids_carry_each_samples_size_and_crop(mixed, tmp_path):
+def test_sdxl_time_ids_carry_each_samples_size_and_crop(mixed, tiny_sdxl_path):
     """(g, SDXL) A real bucketed batch through the tiny SDXL module's loss: add_time_ids are
     (original size, crop top-left, bucket size) per sample, and the target size the module
     derives from the latents is the bucket's."""
     from cn_lightning.models.module import ControlNetModule
-    from cn_lightning.models.tiny import main as tiny_main
 
-    path = tmp_path / "tiny_sdxl"
-    assert tiny_main(["--preset", "sdxl-test", "--out", str(path)]) == 0
-    module = ControlNetModule(str(path))
+    module = ControlNetModule(tiny_sdxl_path)
     paths, _ = mixed
     batch = next(
         b

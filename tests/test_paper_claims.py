@@ -281,30 +281,10 @@ def test_evaluate_refuses_a_condition_the_shards_lack(composition, tmp_path):
 # ------------------------------------------------------------------ the community fine-tune
 def test_finetune_command_starts_from_the_toy_backbone(tmp_path):
     from safetensors.torch import load_file
+    from test_toy import run_pretrain_toy
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CN_LIGHTNING_CACHE=str(tmp_path / "cache"))
     shards = "${cn.circle_shards:" + str(tmp_path / "c") + ",64,32,0,community}"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cn_lightning.pretrain_toy",
-            "--config-name",
-            "finetune_toy",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "unet.steps=2",
-            f"data.train_shards={shards}",
-            "data.batch_size=4",
-            "check.num_prompts=2",
-            "check.steps=2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_pretrain_toy(tmp_path, "--config-name", "finetune_toy", f"data.train_shards={shards}")
     out = tmp_path / "run" / "toy_sd_community"
     toy = Path(asset("toy_sd"))
     weights = "diffusion_pytorch_model.safetensors"

@@ -19,16 +19,8 @@ from cn_lightning.errors import BackboneLoadError, ConfigError
 from cn_lightning.models.backbone import load_backbone
 from cn_lightning.models.checkpoints import export_controlnet
 from cn_lightning.models.module import ControlNetModule
-from cn_lightning.models.tiny import main as tiny_main
 
 PROMPT = "red circle with blue background"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("models") / "tiny_sdxl"
-    assert tiny_main(["--preset", "sdxl-test", "--out", str(out)]) == 0
-    return str(out)
 
 
 @pytest.fixture(scope="module")

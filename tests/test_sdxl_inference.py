@@ -37,18 +37,10 @@ from cn_lightning.inference import (
     native_size,
 )
 from cn_lightning.models.backbone import load_backbone
-from cn_lightning.models.tiny import main as tiny_main
 from cn_lightning.train import train
 
 PROMPT = "red circle with blue background"
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("models") / "tiny_sdxl"
-    assert tiny_main(["--preset", "sdxl-test", "--out", str(out)]) == 0
-    return str(out)
 
 
 def write_canny_shards(out: Path, num_samples: int = 8, per_shard: int = 4) -> str:

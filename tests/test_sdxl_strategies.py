@@ -25,7 +25,6 @@ from test_distributed import assert_export_matches
 from test_resume_exact import _kill_after_checkpoint
 
 from cn_lightning.models.checkpoints import checkpoint_step
-from cn_lightning.models.tiny import main as tiny_main
 
 DEEPSPEED = "trainer.strategy._target_=distributed_helpers.CPUDeepSpeedStrategy"
 STRATEGIES = {
@@ -47,13 +46,6 @@ def input_dtype(strategy: str, precision: str) -> str:
     if strategy == "ddp" or precision == "32-true":
         return "torch.float32"
     return "torch.float16" if precision == "16-mixed" else "torch.bfloat16"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("models") / "tiny_sdxl"
-    assert tiny_main(["--preset", "sdxl-test", "--out", str(out)]) == 0
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -73,11 +74,6 @@ def circles(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def sd_cache(circles, tiny_sd_path, tmp_path_factory) -> str:
     return run_cache(circles, tiny_sd_path, tmp_path_factory.mktemp("sd_cache") / "c")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory) -> str:
-    return str(write_tiny_backbone(tmp_path_factory.mktemp("models") / "sdxl", "sdxl-test"))
 
 
 @pytest.fixture(scope="module")
@@ -201,15 +197,7 @@ def test_a_cache_of_another_backbone_is_refused_in_one_line(sd_cache, tmp_path):
         model.check_caches([], dm.latent_caches())
     assert "\n" not in str(err.value) and model.vae_fingerprint in str(err.value)
     # Lightning runs the check when fit starts, before any step.
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = _trainer(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match="the text cache .* was made with"):
         trainer.fit(model, datamodule=dm)
 
@@ -281,10 +269,10 @@ def test_bucketed_latents_and_settings_checked_on_rerun(tiny_sd_path, tmp_path, 
     assert "other settings (latent.buckets)" in capsys.readouterr().err
 
 
-def test_training_on_the_caches_never_runs_the_text_encoders(sd_cache, tiny_sd_path, tmp_path):
-    model = ControlNetModule(tiny_sd_path, latent_sampling="mode")
-    trainer = L.Trainer(
-        max_steps=2,
+def _trainer(tmp_path: Path, max_steps: int) -> L.Trainer:
+    """A plain CPU trainer: no logger, checkpoints, bars or summary."""
+    return L.Trainer(
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -292,6 +280,11 @@ def test_training_on_the_caches_never_runs_the_text_encoders(sd_cache, tiny_sd_p
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
+
+
+def test_training_on_the_caches_never_runs_the_text_encoders(sd_cache, tiny_sd_path, tmp_path):
+    model = ControlNetModule(tiny_sd_path, latent_sampling="mode")
+    trainer = _trainer(tmp_path, max_steps=2)
     trainer.fit(model, datamodule=data_module(sd_cache, batch_size=3, holdout_shards=1))
     assert trainer.global_step == 2
     assert model._host_frozen == {"text_encoder"}  # kept on the CPU: no split encodes prompts

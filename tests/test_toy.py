@@ -72,17 +72,19 @@ def test_committed_toy_backbone_draws_circles_of_the_prompted_colours():
     assert circles >= 0.7, fg
 
 
-def test_pretrain_toy_command_writes_a_loadable_backbone(tmp_path):
+def run_pretrain_toy(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m cn_lightning.pretrain_toy`` with tiny settings (2 steps per stage, 64 circles,
+    a 2-prompt check) into ``tmp_path / "run"``, its data cache under ``tmp_path``; ``overrides``
+    come first (e.g. ``--config-name finetune_toy``). Asserts it exits 0."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", CN_LIGHTNING_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "cn_lightning.pretrain_toy",
+            *overrides,
             f"hydra.run.dir={tmp_path / 'run'}",
-            "vae.steps=2",
             "unet.steps=2",
-            "data.train_shards=${cn.circle_shards:" + str(tmp_path / "c") + ",64,32}",
             "data.batch_size=4",
             "check.num_prompts=2",
             "check.steps=2",
@@ -94,6 +96,12 @@ def test_pretrain_toy_command_writes_a_loadable_backbone(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_pretrain_toy_command_writes_a_loadable_backbone(tmp_path):
+    shards = "${cn.circle_shards:" + str(tmp_path / "c") + ",64,32}"
+    result = run_pretrain_toy(tmp_path, "vae.steps=2", f"data.train_shards={shards}")
     out = tmp_path / "run" / "toy_sd"
     backbone = load_backbone(out)
     assert backbone.vae_scale_factor == 4
