@@ -181,41 +181,15 @@ class FolderSource:
 
 def val_batches(cfg: EvalConfig, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
     """This rank's share of the validation samples (split by the DataModule), in batches."""
-    from torch.utils.data import DataLoader
-
-    from cn_lightning.data import ShardDataModule
-
     check_val_shards(cfg.val_shards)
-    dm = ShardDataModule(
-        train_shards=cfg.val_shards,
-        val_shards=cfg.val_shards,
-        condition_key=cfg.condition_key,
-        resolution=cfg.resolution,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-    )
-    dataset = dm.build_val_dataset(rank=rank, world_size=world_size)
-    batches = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    batches = _val_loader(cfg, cfg.condition_key, rank, world_size)
     extra = _extra_condition_keys(cfg)
     if not extra:
         yield from batches
         return
     # ControlNets that read other conditions of the same samples (--control-key): the same
     # shards read once per condition, in the same order (validation reading is deterministic).
-    others = []
-    for key in extra:
-        other = ShardDataModule(
-            train_shards=cfg.val_shards,
-            val_shards=cfg.val_shards,
-            condition_key=key,
-            resolution=cfg.resolution,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            seed=cfg.seed,
-        )
-        other_set = other.build_val_dataset(rank=rank, world_size=world_size)
-        others.append(iter(DataLoader(other_set, batch_size=None, num_workers=cfg.num_workers)))
+    others = [iter(_val_loader(cfg, key, rank, world_size)) for key in extra]
     for batch in batches:
         for key, stream in zip(extra, others, strict=True):
             part = next(stream, None)
@@ -226,6 +200,25 @@ def val_batches(cfg: EvalConfig, rank: int, world_size: int) -> Iterator[dict[st
                 )
             batch[EXTRA_CONDITION.format(key)] = part["condition"]
         yield batch
+
+
+def _val_loader(cfg: EvalConfig, condition_key: str, rank: int, world_size: int):
+    """A DataLoader of this rank's validation batches with ``condition_key`` as the condition."""
+    from torch.utils.data import DataLoader
+
+    from cn_lightning.data import ShardDataModule
+
+    dm = ShardDataModule(
+        train_shards=cfg.val_shards,
+        val_shards=cfg.val_shards,
+        condition_key=condition_key,
+        resolution=cfg.resolution,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+    )
+    dataset = dm.build_val_dataset(rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
 
 
 def _extra_condition_keys(cfg: EvalConfig) -> list[str]:
